@@ -1,0 +1,3 @@
+"""meshling: a lightweight service mesh with a fast Python proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,518 @@
+"""Loading and validating snapshots from YAML or JSON.
+
+Every error names the file, the field path (``listeners[0].port``) and the
+reason, so an operator can fix a file without reading code. Validation is
+total: a snapshot that loads is one the proxy can run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meshling.snapshot.model import (
+    AccessLog,
+    Admin,
+    Cluster,
+    Endpoint,
+    FilterChain,
+    HeaderMatch,
+    HttpFilter,
+    HttpLimits,
+    Listener,
+    PathMatch,
+    Route,
+    RouteConfig,
+    RouteMatch,
+    Snapshot,
+    TcpFilter,
+    VirtualHost,
+)
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+ACCESS_LOG_FIELDS = (
+    "start_time",
+    "duration_ms",
+    "listener",
+    "route",
+    "cluster",
+    "upstream",
+    "downstream",
+    "method",
+    "path",
+    "authority",
+    "protocol",
+    "status",
+    "bytes_received",
+    "bytes_sent",
+    "request_id",
+    "user_agent",
+    "error",
+)
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot run: where (file, field path) and why."""
+
+    def __init__(self, source: str, path: str, reason: str) -> None:
+        self.source = source
+        self.path = path
+        self.reason = reason
+        where = f"{source}: {path}" if path else source
+        super().__init__(f"{where}: {reason}")
+
+
+class _Node:
+    """A value in the document together with its field path, for error messages."""
+
+    __slots__ = ("path", "source", "value")
+
+    def __init__(self, source: str, path: str, value: Any) -> None:
+        self.source = source
+        self.path = path
+        self.value = value
+
+    def error(self, reason: str) -> SnapshotError:
+        return SnapshotError(self.source, self.path, reason)
+
+    def child(self, key: str | int) -> _Node:
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+            return _Node(self.source, path, self.value[key])
+        path = f"{self.path}.{key}" if self.path else key
+        return _Node(
+            self.source, path, self.value.get(key) if isinstance(self.value, dict) else None
+        )
+
+    def mapping(self, known: tuple[str, ...]) -> _Node:
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {_kind(self.value)}")
+        for key in self.value:
+            if key not in known:
+                hint = ", ".join(known)
+                raise self.child(str(key)).error(f"unknown field (known fields: {hint})")
+        return self
+
+    def has(self, key: str) -> bool:
+        return isinstance(self.value, dict) and self.value.get(key) is not None
+
+    def items(self, key: str, *, required: bool = True) -> Iterator[_Node]:
+        node = self.child(key)
+        if node.value is None:
+            if required:
+                raise node.error("required field is missing")
+            return
+        if not isinstance(node.value, list):
+            raise node.error(f"expected a list, got {_kind(node.value)}")
+        for i in range(len(node.value)):
+            yield node.child(i)
+
+    def get(self, key: str, parse: Callable[[_Node], T], default: T) -> T:
+        node = self.child(key)
+        return default if node.value is None else parse(node)
+
+    def need(self, key: str, parse: Callable[[_Node], T]) -> T:
+        node = self.child(key)
+        if node.value is None:
+            raise node.error("required field is missing")
+        return parse(node)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _str(node: _Node) -> str:
+    if not isinstance(node.value, str) or not node.value:
+        raise node.error(f"expected a non-empty string, got {_kind(node.value)}")
+    return node.value
+
+
+def _name(node: _Node) -> str:
+    value = _str(node)
+    if not _NAME.match(value):
+        raise node.error(f"invalid name {value!r}: use letters, digits, '_', '.', ':', '-'")
+    return value
+
+
+def _bool(node: _Node) -> bool:
+    if not isinstance(node.value, bool):
+        raise node.error(f"expected true or false, got {_kind(node.value)}")
+    return node.value
+
+
+def _int(lo: int, hi: int) -> Callable[[_Node], int]:
+    def parse(node: _Node) -> int:
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise node.error(f"expected an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise node.error(f"{value} is out of range [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def _port(node: _Node) -> int:
+    return _int(0, 65535)(node)
+
+
+def _duration(node: _Node) -> float:
+    """Seconds from a number or a string such as "250ms", "10s", "5m", "1h"."""
+    value = node.value
+    if isinstance(value, bool):
+        raise node.error("expected a duration such as 250ms, 10s, 5m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise node.error(
+            f"invalid duration {value!r}: use a number of seconds or 250ms, 10s, 5m, 1h"
+        )
+    if seconds < 0 or seconds > 30 * 86400:
+        raise node.error(f"duration {value!r} is out of range [0, 30 days]")
+    return seconds
+
+
+def _address(node: _Node) -> str:
+    value = _str(node)
+    if value == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise node.error(f"invalid IP address {value!r}") from None
+
+
+def _choice(*options: str) -> Callable[[_Node], str]:
+    def parse(node: _Node) -> str:
+        if node.value not in options:
+            raise node.error(f"must be one of {', '.join(options)}, got {node.value!r}")
+        return str(node.value)
+
+    return parse
+
+
+def _regex(node: _Node) -> re.Pattern[str]:
+    value = _str(node)
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise node.error(f"invalid regular expression: {exc}") from None
+
+
+def _endpoint(node: _Node) -> Endpoint:
+    node.mapping(("address", "port"))
+    return Endpoint(address=node.need("address", _address), port=node.need("port", _int(1, 65535)))
+
+
+def _cluster(node: _Node) -> Cluster:
+    node.mapping(
+        (
+            "name",
+            "endpoints",
+            "connect_timeout",
+            "lb_policy",
+            "max_idle_per_endpoint",
+            "idle_timeout",
+        )
+    )
+    endpoints = tuple(_endpoint(e) for e in node.items("endpoints", required=False))
+    return Cluster(
+        name=node.need("name", _name),
+        endpoints=endpoints,
+        connect_timeout=node.get("connect_timeout", _duration, 1.0),
+        lb_policy=node.get("lb_policy", _choice("round_robin"), "round_robin"),  # type: ignore[arg-type]
+        max_idle_per_endpoint=node.get("max_idle_per_endpoint", _int(0, 10000), 64),
+        idle_timeout=node.get("idle_timeout", _duration, 60.0),
+    )
+
+
+def _path_match(node: _Node) -> PathMatch:
+    node.mapping(("exact", "prefix", "regex"))
+    given = [k for k in ("exact", "prefix", "regex") if node.has(k)]
+    if len(given) != 1:
+        raise node.error("give exactly one of exact, prefix, regex")
+    kind = given[0]
+    if kind == "regex":
+        pattern = node.need("regex", _regex)
+        return PathMatch("regex", pattern.pattern, pattern)
+    value = node.need(kind, _str)
+    if not value.startswith("/"):
+        raise node.child(kind).error(f"a path must start with '/', got {value!r}")
+    return PathMatch("exact" if kind == "exact" else "prefix", value)
+
+
+def _header_match(node: _Node) -> HeaderMatch:
+    node.mapping(("name", "exact", "prefix", "regex", "present", "invert"))
+    name = node.need("name", _str)
+    if not _TOKEN.match(name):
+        raise node.child("name").error(f"invalid header name {name!r}")
+    given = [k for k in ("exact", "prefix", "regex", "present") if node.has(k)]
+    if len(given) != 1:
+        raise node.error("give exactly one of exact, prefix, regex, present")
+    kind = given[0]
+    invert = node.get("invert", _bool, False)
+    key = name.lower().encode()
+    if kind == "present":
+        present = node.need("present", _bool)
+        return HeaderMatch(key, "present", "", invert=(not present) != invert)
+    if kind == "regex":
+        pattern = node.need("regex", _regex)
+        return HeaderMatch(key, "regex", pattern.pattern, invert, pattern)
+    value = node.child(kind).value
+    if not isinstance(value, str):
+        raise node.child(kind).error(f"expected a string, got {_kind(value)}")
+    return HeaderMatch(key, "exact" if kind == "exact" else "prefix", value, invert)
+
+
+def _method(node: _Node) -> bytes:
+    value = _str(node)
+    if not _TOKEN.match(value):
+        raise node.error(f"invalid method {value!r}")
+    return value.upper().encode()
+
+
+def _route_match(node: _Node) -> RouteMatch:
+    node.mapping(("path", "methods", "headers"))
+    return RouteMatch(
+        path=node.get("path", _path_match, PathMatch("prefix", "/")),
+        methods=frozenset(_method(m) for m in node.items("methods", required=False)),
+        headers=tuple(_header_match(h) for h in node.items("headers", required=False)),
+    )
+
+
+def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
+    node.mapping(("name", "match", "cluster", "timeout"))
+    cluster = node.need("cluster", _name)
+    if cluster not in clusters:
+        known = ", ".join(sorted(clusters)) or "none"
+        raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
+    return Route(
+        name=node.need("name", _name),
+        match=node.get("match", _route_match, RouteMatch()),
+        cluster=cluster,
+        timeout=node.get("timeout", _duration, 15.0),
+    )
+
+
+def _domain(node: _Node) -> str:
+    value = _str(node).lower()
+    if value != "*" and not re.match(
+        r"^(\*\.|)[a-z0-9.-]+(\.\*|)(:\d+)?$|^\[[0-9a-f:]+\](:\d+)?$", value
+    ):
+        raise node.error(f"invalid domain {value!r}: use a name, '*.suffix', 'prefix.*' or '*'")
+    return value
+
+
+def _virtual_host(node: _Node, clusters: dict[str, Cluster]) -> VirtualHost:
+    node.mapping(("name", "domains", "routes"))
+    routes = tuple(_route(r, clusters) for r in node.items("routes"))
+    _unique(node, "routes", [r.name for r in routes])
+    domains = tuple(_domain(d) for d in node.items("domains"))
+    if not domains:
+        raise node.child("domains").error("at least one domain is required ('*' matches any)")
+    return VirtualHost(name=node.need("name", _name), domains=domains, routes=routes)
+
+
+def _route_config(node: _Node, clusters: dict[str, Cluster]) -> RouteConfig:
+    node.mapping(("name", "virtual_hosts"))
+    vhosts = tuple(_virtual_host(v, clusters) for v in node.items("virtual_hosts"))
+    _unique(node, "virtual_hosts", [v.name for v in vhosts])
+    seen: dict[str, str] = {}
+    for i, vh in enumerate(vhosts):
+        for domain in vh.domains:
+            if domain in seen:
+                raise (
+                    node.child("virtual_hosts")
+                    .child(i)
+                    .error(f"domain {domain!r} is already served by virtual host {seen[domain]!r}")
+                )
+            seen[domain] = vh.name
+    return RouteConfig(name=node.get("name", _name, "default"), virtual_hosts=vhosts)
+
+
+def _limits(node: _Node) -> HttpLimits:
+    node.mapping(("max_request_line", "max_header_bytes", "max_headers", "header_timeout"))
+    return HttpLimits(
+        max_request_line=node.get("max_request_line", _int(64, 1 << 20), 8192),
+        max_header_bytes=node.get("max_header_bytes", _int(256, 1 << 22), 65536),
+        max_headers=node.get("max_headers", _int(1, 10000), 100),
+        header_timeout=node.get("header_timeout", _duration, 10.0),
+    )
+
+
+def _http_filter(node: _Node, clusters: dict[str, Cluster]) -> HttpFilter:
+    node.mapping(
+        (
+            "route_config",
+            "limits",
+            "idle_timeout",
+            "merge_slashes",
+            "escaped_slashes",
+            "xff_append",
+            "preserve_request_id",
+        )
+    )
+    return HttpFilter(
+        route_config=node.need("route_config", lambda n: _route_config(n, clusters)),
+        limits=node.get("limits", _limits, HttpLimits()),
+        idle_timeout=node.get("idle_timeout", _duration, 60.0),
+        merge_slashes=node.get("merge_slashes", _bool, True),
+        escaped_slashes=node.get("escaped_slashes", _choice("keep", "reject", "unescape"), "keep"),  # type: ignore[arg-type]
+        xff_append=node.get("xff_append", _bool, True),
+        preserve_request_id=node.get("preserve_request_id", _bool, True),
+    )
+
+
+def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
+    node.mapping(("cluster", "idle_timeout"))
+    cluster = node.need("cluster", _name)
+    if cluster not in clusters:
+        known = ", ".join(sorted(clusters)) or "none"
+        raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
+    return TcpFilter(cluster=cluster, idle_timeout=node.get("idle_timeout", _duration, 3600.0))
+
+
+def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
+    node.mapping(("name", "http", "tcp"))
+    if node.has("http") == node.has("tcp"):
+        raise node.error("give exactly one of http, tcp")
+    return FilterChain(
+        name=node.get("name", _name, "default"),
+        http=node.get("http", lambda n: _http_filter(n, clusters), None),
+        tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),
+    )
+
+
+def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:
+    node.mapping(("name", "address", "port", "filter_chains"))
+    chains = tuple(_filter_chain(c, clusters) for c in node.items("filter_chains"))
+    if len(chains) != 1:
+        # Several chains need match criteria (SNI, transport protocol), which arrive with TLS.
+        raise node.child("filter_chains").error("exactly one filter chain is supported")
+    return Listener(
+        name=node.need("name", _name),
+        address=node.get("address", _address, "127.0.0.1"),
+        port=node.need("port", _port),
+        filter_chains=chains,
+    )
+
+
+def _admin(node: _Node) -> Admin:
+    node.mapping(("address", "port", "token"))
+    return Admin(
+        address=node.get("address", _address, "127.0.0.1"),
+        port=node.get("port", _port, 9901),
+        token=node.get("token", _str, None),
+    )
+
+
+def _access_log(node: _Node) -> AccessLog:
+    node.mapping(("path", "format", "fields"))
+    fields = []
+    for f in node.items("fields", required=False):
+        name = _str(f)
+        if name not in ACCESS_LOG_FIELDS:
+            raise f.error(
+                f"unknown access log field {name!r} (known: {', '.join(ACCESS_LOG_FIELDS)})"
+            )
+        fields.append(name)
+    return AccessLog(
+        path=node.need("path", _str),
+        format=node.get("format", _choice("json"), "json"),  # type: ignore[arg-type]
+        fields=tuple(fields) or ACCESS_LOG_FIELDS,
+    )
+
+
+def _unique(node: _Node, key: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise node.child(key).child(i).child("name").error(f"duplicate name {name!r}")
+        seen.add(name)
+
+
+def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
+    """Validate a parsed document and build the snapshot it describes."""
+    root = _Node(source, "", document).mapping(
+        ("version", "node", "listeners", "clusters", "admin", "access_log", "drain_timeout")
+    )
+    version = root.need(
+        "version", lambda n: str(n.value) if isinstance(n.value, str | int) else _str(n)
+    )
+    cluster_list = [_cluster(c) for c in root.items("clusters", required=False)]
+    _unique(root, "clusters", [c.name for c in cluster_list])
+    clusters = {c.name: c for c in cluster_list}
+    listeners = tuple(_listener(item, clusters) for item in root.items("listeners"))
+    _unique(root, "listeners", [li.name for li in listeners])
+    binds: dict[tuple[str, int], str] = {}
+    admin = root.get("admin", _admin, Admin())
+    for i, li in enumerate(listeners):
+        key = (li.address, li.port)
+        if li.port and key in binds:
+            raise (
+                root.child("listeners")
+                .child(i)
+                .child("port")
+                .error(f"{li.address}:{li.port} is already used by listener {binds[key]!r}")
+            )
+        if li.port and li.port == admin.port and li.address == admin.address:
+            raise (
+                root.child("listeners")
+                .child(i)
+                .child("port")
+                .error(f"{li.address}:{li.port} is the admin listener's address")
+            )
+        binds[key] = li.name
+    return Snapshot(
+        version=version,
+        listeners=listeners,
+        clusters=clusters,
+        admin=admin,
+        access_log=root.get("access_log", _access_log, None),
+        drain_timeout=root.get("drain_timeout", _duration, 10.0),
+        node=root.get("node", _name, "meshling"),
+    )
+
+
+def parse_text(text: str, source: str) -> Any:
+    """Parse YAML or JSON text (JSON is YAML, but its errors read better from json)."""
+    if source.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SnapshotError(source, f"line {exc.lineno}", f"invalid JSON: {exc.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SnapshotError(source, where, f"invalid YAML: {problem}") from None
+
+
+def load(path: str | Path) -> Snapshot:
+    """Read, parse and validate a snapshot file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SnapshotError(source, "", f"cannot read file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SnapshotError(source, "", "file is not UTF-8 text") from None
+    return from_dict(parse_text(text, source), source)

@@ -1,0 +1,177 @@
+"""The snapshot model: everything one proxy runs, in Envoy's vocabulary.
+
+A snapshot is the one contract between the control plane and the data plane:
+listeners -> filter chains -> routes -> clusters -> endpoints. It is immutable
+(frozen dataclasses), versioned, and built only through `snapshot.load`, which
+validates every field and names the field path of anything wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+PathMatchKind = Literal["exact", "prefix", "regex"]
+HeaderMatchKind = Literal["exact", "prefix", "regex", "present"]
+EscapedSlashes = Literal["keep", "reject", "unescape"]
+LbPolicy = Literal["round_robin"]
+Protocol = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream address of a cluster."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return (
+            f"[{self.address}]:{self.port}"
+            if ":" in self.address
+            else f"{self.address}:{self.port}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """A named group of interchangeable endpoints and how to connect to them."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    # seconds to establish a TCP connection before the attempt fails (502)
+    connect_timeout: float = 1.0
+    lb_policy: LbPolicy = "round_robin"
+    # idle keep-alive connections kept per endpoint, and how long each may stay idle
+    max_idle_per_endpoint: int = 64
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    kind: PathMatchKind
+    value: str
+    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: bytes  # lower-case
+    kind: HeaderMatchKind
+    value: str = ""
+    invert: bool = False
+    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: PathMatch = PathMatch("prefix", "/")
+    methods: frozenset[bytes] = frozenset()  # empty: any method
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests that match go to one cluster; the first matching route wins."""
+
+    name: str
+    match: RouteMatch
+    cluster: str
+    # total time for the upstream to answer (504 after it); 0 disables
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    # exact names, "*.suffix", "prefix.*" or "*"; a port in Host is ignored when matching
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    # a client must send a whole request head within this time (408 after it)
+    header_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFilter:
+    """The HTTP/1.1 connection manager: parse, route, forward."""
+
+    route_config: RouteConfig
+    limits: HttpLimits = HttpLimits()
+    # idle time allowed on a downstream keep-alive connection between requests
+    idle_timeout: float = 60.0
+    merge_slashes: bool = True
+    escaped_slashes: EscapedSlashes = "keep"
+    # trust and extend X-Forwarded-For from the client (True) or replace it (False)
+    xff_append: bool = True
+    # keep a client-sent X-Request-Id (True) or always generate a new one
+    preserve_request_id: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFilter:
+    """Opaque byte forwarding to one cluster."""
+
+    cluster: str
+    # a connection with no bytes in either direction for this long is closed
+    idle_timeout: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChain:
+    name: str
+    http: HttpFilter | None = None
+    tcp: TcpFilter | None = None
+
+    @property
+    def protocol(self) -> Protocol:
+        return "http" if self.http is not None else "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    filter_chains: tuple[FilterChain, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    address: str = "127.0.0.1"
+    port: int = 9901
+    # token required by state-changing endpoints (drain); None: those endpoints are refused
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    # "-" for stdout, otherwise a file path (reopened when rotated away)
+    path: str
+    format: Literal["json"] = "json"
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    listeners: tuple[Listener, ...]
+    clusters: dict[str, Cluster]
+    admin: Admin = Admin()
+    access_log: AccessLog | None = None
+    # seconds that in-flight requests get to finish on SIGTERM / drain
+    drain_timeout: float = 10.0
+    node: str = "meshling"
