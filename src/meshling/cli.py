@@ -1,0 +1,101 @@
+"""The `meshling` command line.
+
+Subcommands import what they need when they run, so `meshling proxy run` never
+loads code that only other subcommands use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from meshling import __version__
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _proxy_run(args: argparse.Namespace) -> int:
+    from meshling.proxy.server import run
+
+    return run(args.config)
+
+
+def _proxy_validate(args: argparse.Namespace) -> int:
+    from meshling.snapshot import SnapshotError, load
+
+    try:
+        snapshot = load(args.config)
+    except SnapshotError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"valid: {args.config}: snapshot {snapshot.version}, "
+        f"{len(snapshot.listeners)} listeners, {len(snapshot.clusters)} clusters"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meshling.demo.main import run
+
+    return run(args.demo_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshling", description="A lightweight service mesh.")
+    parser.add_argument("--version", action="version", version=f"meshling {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MESHLING_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (env MESHLING_LOG_LEVEL)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    proxy = commands.add_parser("proxy", help="the data-plane proxy")
+    proxy_commands = proxy.add_subparsers(dest="proxy_command", required=True)
+    run = proxy_commands.add_parser(
+        "run",
+        help="run a standalone proxy from a snapshot file",
+        description="Run a proxy from a snapshot file. SIGHUP or a change to the file "
+        "reloads it; SIGTERM drains and exits.",
+    )
+    run.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("MESHLING_CONFIG"),
+        required="MESHLING_CONFIG" not in os.environ,
+        help="snapshot file, YAML or JSON (env MESHLING_CONFIG)",
+    )
+    run.set_defaults(func=_proxy_run)
+    validate = proxy_commands.add_parser("validate", help="check a snapshot file and exit")
+    validate.add_argument("--config", "-c", required=True, help="snapshot file, YAML or JSON")
+    validate.set_defaults(func=_proxy_validate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a sample mesh with live traffic",
+        add_help=False,
+        description="Run a sample mesh with live traffic; `meshling demo --help` for options.",
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

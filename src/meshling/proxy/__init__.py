@@ -1,0 +1,1 @@
+"""The data plane: listeners, HTTP and TCP proxying, clusters."""

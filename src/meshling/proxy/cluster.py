@@ -1,0 +1,170 @@
+"""Clusters at run time: endpoint choice and per-endpoint connection pools.
+
+Pools are keyed by endpoint and shared by every snapshot the proxy has run,
+so a reload that keeps an endpoint keeps its warm keep-alive connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from meshling.snapshot.model import Cluster, Endpoint
+from meshling.telemetry.metrics import ClusterStats
+
+
+class Pooled(Protocol):
+    """What a pool needs from an upstream connection."""
+
+    idle_since: float
+
+    def usable(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class RoundRobin:
+    """Endpoint choice in turn; a pure decision over the endpoint list."""
+
+    __slots__ = ("_next", "endpoints")
+
+    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self.endpoints = endpoints
+        self._next = 0
+
+    def pick(self) -> Endpoint | None:
+        if not self.endpoints:
+            return None
+        i = self._next
+        self._next = (i + 1) % len(self.endpoints)
+        return self.endpoints[i]
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint, most recently used first."""
+
+    __slots__ = ("endpoint", "idle")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.idle: list[Pooled] = []
+
+    def take(self, now: float, idle_timeout: float) -> Pooled | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable() and now - conn.idle_since < idle_timeout:
+                return conn
+            conn.close()
+        return None
+
+    def put(self, conn: Pooled, now: float, max_idle: int) -> bool:
+        if len(self.idle) >= max_idle:
+            return False
+        conn.idle_since = now
+        self.idle.append(conn)
+        return True
+
+    def discard(self, conn: Pooled) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def sweep(self, now: float, idle_timeout: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if conn.usable() and now - conn.idle_since < idle_timeout:
+                keep.append(conn)
+            else:
+                conn.close()
+        self.idle = keep
+
+
+class PoolSet:
+    """Every endpoint pool of the proxy, with a periodic sweep of stale connections."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.pools: dict[Endpoint, EndpointPool] = {}
+        self.idle_timeouts: dict[Endpoint, float] = {}
+
+    def pool(self, endpoint: Endpoint) -> EndpointPool:
+        pool = self.pools.get(endpoint)
+        if pool is None:
+            pool = self.pools[endpoint] = EndpointPool(endpoint)
+        return pool
+
+    def sweep(self) -> None:
+        now = self.clock()
+        for endpoint, pool in list(self.pools.items()):
+            pool.sweep(now, self.idle_timeouts.get(endpoint, 60.0))
+
+    def close_all(self) -> None:
+        for pool in self.pools.values():
+            for conn in pool.idle:
+                conn.close()
+            pool.idle.clear()
+
+
+class ClusterRuntime:
+    """One cluster of the running snapshot: its balancer, pools and counters."""
+
+    __slots__ = ("balancer", "config", "loop", "pools", "stats")
+
+    def __init__(self, config: Cluster, pools: PoolSet, stats: ClusterStats) -> None:
+        self.config = config
+        self.balancer = RoundRobin(config.endpoints)
+        self.pools = pools
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        for endpoint in config.endpoints:
+            pools.idle_timeouts[endpoint] = config.idle_timeout
+
+    def pick(self) -> Endpoint | None:
+        return self.balancer.pick()
+
+    def take_idle(self, endpoint: Endpoint) -> Pooled | None:
+        return self.pools.pool(endpoint).take(self.pools.clock(), self.config.idle_timeout)
+
+    def release(self, endpoint: Endpoint, conn: Pooled) -> bool:
+        """Keep a connection for reuse; False when the pool is full (caller closes it)."""
+        return self.pools.pool(endpoint).put(
+            conn, self.pools.clock(), self.config.max_idle_per_endpoint
+        )
+
+    def forget(self, endpoint: Endpoint, conn: Pooled) -> None:
+        pool = self.pools.pools.get(endpoint)
+        if pool is not None:
+            pool.discard(conn)
+
+    async def connect(
+        self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.Protocol:
+        """Open a TCP connection, counting failures by reason; raises ConnectError."""
+        try:
+            _, protocol = await asyncio.wait_for(
+                self.loop.create_connection(factory, endpoint.address, endpoint.port),
+                self.config.connect_timeout or None,
+            )
+        except TimeoutError:
+            self._fail("timeout")
+            raise ConnectError("timeout", endpoint) from None
+        except ConnectionRefusedError:
+            self._fail("refused")
+            raise ConnectError("refused", endpoint) from None
+        except OSError as exc:
+            self._fail("error")
+            raise ConnectError(exc.strerror or "error", endpoint) from None
+        return protocol
+
+    def _fail(self, reason: str) -> None:
+        failures = self.stats.connect_failures
+        failures[reason] = failures.get(reason, 0) + 1
+
+
+class ConnectError(Exception):
+    def __init__(self, reason: str, endpoint: Endpoint) -> None:
+        super().__init__(f"connect to {endpoint} failed: {reason}")
+        self.reason = reason
+        self.endpoint = endpoint

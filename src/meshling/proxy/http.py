@@ -1,0 +1,869 @@
+"""L7 proxying of HTTP/1.1: downstream and upstream protocols and the exchange between them.
+
+`HttpDownstream` owns one client connection and its request decoder; each
+request becomes an `Exchange`, which picks a route, a cluster and an endpoint,
+borrows an upstream connection from the pool and streams both bodies through,
+chunk by chunk, never buffering a whole body. Flow control is symmetric: a
+full write buffer on one side pauses reading on the other.
+
+Errors the proxy produces itself carry ``x-meshling-error`` naming the reason:
+400/4xx for malformed requests (connection closed, nothing forwarded), 404
+``route_not_found``, 502 ``upstream_connect_failure``/``upstream_reset``/
+``upstream_protocol_error``, 503 ``no_endpoint``, 504 ``upstream_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from itertools import count
+from typing import TYPE_CHECKING, cast
+
+from meshling.http1 import (
+    Data,
+    EndOfMessage,
+    Informational,
+    ParseError,
+    RequestDecoder,
+    RequestHead,
+    ResponseDecoder,
+    ResponseHead,
+    Upgraded,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+    encode_response_head,
+    strip_hop_by_hop,
+)
+from meshling.http1.codec import Limits
+from meshling.http1.path import PathError, normalize_path
+from meshling.proxy.cluster import ConnectError
+
+if TYPE_CHECKING:
+    from meshling.proxy.cluster import ClusterRuntime
+    from meshling.proxy.listener import ChainRuntime, ConnectionSet
+    from meshling.snapshot.model import Endpoint, Route
+
+# Headers of this prefix are the mesh's own: a client may not set them.
+INTERNAL_PREFIX = b"x-meshling-"
+ERROR_HEADER = b"x-meshling-error"
+# Request body bytes held while the upstream connection is being opened.
+PENDING_LIMIT = 256 * 1024
+# Requests queued behind the one in flight (HTTP/1.1 pipelining) before reading pauses.
+PIPELINE_LIMIT = 16
+
+_REQUEST_IDS = count(1)
+_ID_PREFIX = os.urandom(8).hex()
+
+
+def _request_id() -> bytes:
+    return f"{_ID_PREFIX}-{next(_REQUEST_IDS):016x}".encode()
+
+
+class HttpDownstream(asyncio.Protocol):
+    """One client connection: decode requests, run one exchange at a time."""
+
+    def __init__(self, chain: ChainRuntime, connections: ConnectionSet) -> None:
+        http = chain.http
+        assert http is not None
+        # per-connection
+        self.chain = chain
+        self.http = http
+        self.connections = connections
+        self.stats = chain.listener_stats
+        self.transport: asyncio.Transport | None = None
+        self.decoder = RequestDecoder(
+            Limits(
+                max_request_line=http.limits.max_request_line,
+                max_header_bytes=http.limits.max_header_bytes,
+                max_headers=http.limits.max_headers,
+            )
+        )
+        self.peer = b""
+        self.closed = False
+        self.draining = False
+        # the current request asked to switch protocols / the upstream agreed
+        self.upgrade_pending = False
+        self.upgraded = False
+        # per-request
+        self.exchange: Exchange | None = None
+        self.queue: list[RequestHead | Data | EndOfMessage | Upgraded] = []
+        self.head_started: float | None = None
+        self.partial_head = False
+        self.last_activity = 0.0
+        # reading is paused while any of these holds
+        self.paused_by_upstream = False
+        self.paused_by_queue = False
+
+    # -- lifecycle --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0] if peer else "unknown").encode()
+        self.stats.cx_total += 1
+        self.stats.cx_active += 1
+        self.connections.add(self)
+        self.last_activity = time.monotonic()
+        # The first request head must arrive within the header timeout too.
+        self.head_started = self.last_activity
+        if self.chain.draining:
+            self.draining = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stats.cx_active -= 1
+        self.connections.discard(self)
+        ex = self.exchange
+        if ex is not None:
+            ex.downstream_lost()
+
+    # -- reading ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.stats.bytes_received += len(data)
+        self.last_activity = now = time.monotonic()
+        if self.upgraded:
+            ex = self.exchange
+            if ex is not None and ex.upstream is not None:
+                ex.upstream.write(data)
+            return
+        if self.upgrade_pending:
+            # Bytes of the new protocol, sent before the upstream agreed to switch.
+            ex = self.exchange
+            if ex is not None:
+                ex.upgrade_tail += data
+                if len(ex.upgrade_tail) > PENDING_LIMIT and self.transport is not None:
+                    self.transport.pause_reading()
+            return
+        if self.exchange is None:
+            if self.head_started is None:
+                self.head_started = now
+            self.partial_head = True
+        try:
+            events = self.decoder.feed(data)
+        except ParseError as exc:
+            self.protocol_error(exc.status, exc.reason)
+            return
+        if self.queue:
+            # A pipelined request already waits: everything new comes after it.
+            self.queue.extend(events)
+        else:
+            self._dispatch(events)
+        if len(self.queue) > PIPELINE_LIMIT and not self.paused_by_queue:
+            self.paused_by_queue = True
+            self._update_reading()
+
+    def _dispatch(self, events: list[RequestHead | Data | EndOfMessage | Upgraded]) -> None:
+        for i, event in enumerate(events):
+            kind = type(event)
+            if kind is RequestHead:
+                if self.exchange is not None:
+                    # A pipelined request: it waits for the current one to finish.
+                    self.queue.extend(events[i:])
+                    return
+                self.head_started = None
+                self.partial_head = False
+                self._start(event)  # type: ignore[arg-type]
+                if self.closed or self.transport is None or self.transport.is_closing():
+                    return
+            else:
+                ex = self.exchange
+                if ex is None:
+                    continue
+                if kind is Data:
+                    ex.request_data(event.data)  # type: ignore[union-attr]
+                elif kind is EndOfMessage:
+                    ex.request_end(event.trailers)  # type: ignore[union-attr]
+                else:
+                    ex.request_upgrade(event.tail)  # type: ignore[union-attr]
+
+    def _next(self) -> None:
+        """The exchange ended: start the next pipelined request, or wait for one."""
+        self.exchange = None
+        if self.queue:
+            events, self.queue = self.queue, []
+            self.paused_by_queue = False
+            self._update_reading()
+            self._dispatch(events)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.paused_by_upstream or self.paused_by_queue:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    # -- requests -------------------------------------------------------------------
+    def _start(self, head: RequestHead) -> None:
+        chain = self.chain
+        http = self.http
+        ex = Exchange(self, head)
+        self.exchange = ex
+        try:
+            path = normalize_path(
+                head.path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes
+            )
+        except PathError as exc:
+            self.protocol_error(exc.status, exc.reason)
+            return
+        ex.path = path
+        assert chain.router is not None
+        route = chain.router.route(head.host, head.method, path.decode("latin-1"), head.headers)
+        if route is None:
+            ex.local_reply(404, "route_not_found")
+            return
+        ex.route = route
+        cluster = chain.clusters[route.cluster]
+        ex.cluster = cluster
+        endpoint = cluster.pick()
+        if endpoint is None:
+            cluster.stats.no_endpoint += 1
+            ex.local_reply(503, "no_endpoint")
+            return
+        ex.endpoint = endpoint
+        ex.build_upstream_head()
+        conn = cluster.take_idle(endpoint)
+        if conn is not None:
+            assert isinstance(conn, HttpUpstream)
+            ex.attach(conn, reused=True)
+        else:
+            ex.connect()
+
+    def protocol_error(self, status: int, reason: str) -> None:
+        """Malformed input: answer, close, and forward nothing."""
+        errors = self.stats.protocol_errors
+        errors[status] = errors.get(status, 0) + 1
+        ex = self.exchange
+        if ex is not None and ex.response_started:
+            # The response to the current request is already on its way: just stop.
+            ex.abort_upstream()
+            self.abort()
+            return
+        self.queue.clear()
+        if ex is None:
+            ex = self.exchange = Exchange(self, None)
+        ex.local_reply(status, reason.replace(" ", "_"), close=True)
+
+    # -- writing ------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self.stats.bytes_sent += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+
+    # -- timers, drain, close -------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Called about once a second: header and idle timeouts."""
+        if self.exchange is not None or self.closed:
+            return
+        limits = self.http.limits
+        started = self.head_started
+        if started is not None and now - started > limits.header_timeout:
+            if self.partial_head:
+                self.protocol_error(408, "request header timeout")
+            else:
+                self.close()
+        elif (
+            started is None
+            and self.http.idle_timeout
+            and now - self.last_activity > self.http.idle_timeout
+        ):
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        if self.exchange is None:
+            return None
+        # The client half-closed after its request: answer it, then close.
+        self.draining = True
+        return True
+
+    def drain(self) -> None:
+        self.draining = True
+        if self.exchange is None:
+            self.close()
+
+    def is_idle(self) -> bool:
+        return self.exchange is None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Exchange:
+    """One request and its response, from head received to last byte sent."""
+
+    __slots__ = (
+        "attempt_retried",
+        "chunked_out",
+        "cluster",
+        "connect_task",
+        "continue_sent",
+        "downstream",
+        "endpoint",
+        "finished",
+        "head",
+        "keep_alive",
+        "path",
+        "pending",
+        "pending_size",
+        "request_done",
+        "response_done",
+        "response_started",
+        "reused",
+        "route",
+        "start",
+        "status",
+        "timer",
+        "upgrade_tail",
+        "upstream",
+        "upstream_head",
+    )
+
+    def __init__(self, downstream: HttpDownstream, head: RequestHead | None) -> None:
+        self.downstream = downstream
+        self.head = head
+        self.start = time.monotonic()
+        self.path = b""
+        self.route: Route | None = None
+        self.cluster: ClusterRuntime | None = None
+        self.endpoint: Endpoint | None = None
+        self.upstream: HttpUpstream | None = None
+        self.upstream_head = b""
+        self.connect_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        # request bytes (already framed for the upstream) waiting for a connection
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.upgrade_tail = b""
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.finished = False
+        self.chunked_out = False
+        # After an upgrade request the connection is either switched or finished.
+        self.keep_alive = (
+            head is not None
+            and head.keep_alive
+            and head.upgrade is None
+            and not downstream.draining
+            and not downstream.chain.retired
+        )
+        self.continue_sent = False
+        self.reused = False
+        self.attempt_retried = False
+        self.status = 0
+
+    # -- building the upstream request ------------------------------------------------
+    def build_upstream_head(self) -> None:
+        head = self.head
+        assert head is not None
+        http = self.downstream.http
+        headers = []
+        xff = b""
+        request_id = b""
+        for name, value in strip_hop_by_hop(head.headers):
+            if name.startswith(INTERNAL_PREFIX):
+                continue
+            if name == b"x-forwarded-for":
+                if http.xff_append:
+                    xff = xff + b", " + value if xff else value
+                continue
+            if name == b"x-request-id":
+                if http.preserve_request_id and not request_id:
+                    request_id = value
+                continue
+            if name == b"x-forwarded-proto" and http.xff_append:
+                headers.append((name, value))
+                continue
+            if name == b"x-forwarded-proto":
+                continue
+            headers.append((name, value))
+        peer = self.downstream.peer
+        headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        if not any(n == b"x-forwarded-proto" for n, _ in headers):
+            headers.append((b"x-forwarded-proto", b"http"))
+        headers.append((b"x-request-id", request_id or _request_id()))
+        if not head.host:
+            # An HTTP/1.0 request may lack Host; the upstream speaks 1.1 and needs one.
+            headers.append((b"host", str(self.endpoint).encode()))
+        if head.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if head.upgrade is not None:
+            headers.append((b"connection", b"upgrade"))
+            headers.append((b"upgrade", head.upgrade))
+        target = self.path + b"?" + head.query if head.query else self.path
+        self.upstream_head = encode_request_head(head.method, target, headers)
+
+    # -- upstream connection -------------------------------------------------------------
+    def connect(self) -> None:
+        self.connect_task = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        cluster = self.cluster
+        endpoint = self.endpoint
+        assert cluster is not None and endpoint is not None
+        try:
+            protocol = await cluster.connect(endpoint, lambda: HttpUpstream(cluster, endpoint))
+        except ConnectError:
+            self.connect_task = None
+            if not self.finished:
+                self.local_reply(502, "upstream_connect_failure", close=not self.request_done)
+            return
+        except asyncio.CancelledError:
+            return
+        self.connect_task = None
+        assert isinstance(protocol, HttpUpstream)
+        cluster.stats.cx_total += 1
+        cluster.stats.cx_active += 1
+        if self.finished:
+            protocol.close()
+            return
+        self.attach(protocol, reused=False)
+
+    def attach(self, conn: HttpUpstream, *, reused: bool) -> None:
+        self.upstream = conn
+        self.reused = reused
+        conn.exchange = self
+        head = self.head
+        assert head is not None
+        conn.decoder.expect(head.method)
+        if self.pending:
+            conn.write(self.upstream_head + b"".join(self.pending))
+            self.pending.clear()
+            self.pending_size = 0
+            if self.downstream.paused_by_upstream:
+                self.downstream.paused_by_upstream = False
+                self.downstream._update_reading()
+        else:
+            conn.write(self.upstream_head)
+
+    # -- request body --------------------------------------------------------------------
+    def request_data(self, data: bytes) -> None:
+        head = self.head
+        assert head is not None
+        framed = encode_chunk(data) if head.chunked else data
+        self._send_upstream(framed)
+
+    def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        head = self.head
+        assert head is not None
+        self.request_done = True
+        if head.chunked:
+            self._send_upstream(encode_last_chunk(trailers))
+        route = self.route
+        if route is not None and route.timeout and not self.finished and head.upgrade is None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(route.timeout, self.on_timeout)
+        if self.response_done:
+            self.finish()
+
+    def request_upgrade(self, tail: bytes) -> None:
+        # The client may send bytes of the new protocol right behind the head.
+        self.request_done = True
+        self.upgrade_tail = tail
+        self.downstream.upgrade_pending = True
+
+    def _send_upstream(self, data: bytes) -> None:
+        if self.finished:
+            return
+        conn = self.upstream
+        if conn is not None:
+            conn.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT and not self.downstream.paused_by_upstream:
+            self.downstream.paused_by_upstream = True
+            self.downstream._update_reading()
+
+    # -- response ------------------------------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        conn = self.upstream
+        assert conn is not None
+        try:
+            events = conn.decoder.feed(data)
+        except ParseError:
+            self.upstream_failed("upstream_protocol_error")
+            return
+        self._response_events(events)
+
+    def _response_events(self, events: Sequence[object]) -> None:
+        downstream = self.downstream
+        for event in events:
+            if self.finished:
+                return
+            kind = type(event)
+            if kind is Data:
+                data = event.data  # type: ignore[attr-defined]
+                downstream.write(encode_chunk(data) if self.chunked_out else data)
+            elif kind is ResponseHead:
+                self._response_head(event)  # type: ignore[arg-type]
+            elif kind is EndOfMessage:
+                if self.chunked_out:
+                    downstream.write(encode_last_chunk(event.trailers))  # type: ignore[attr-defined]
+                self.response_done = True
+                if not self.request_done:
+                    # The upstream answered before the request body ended: the rest of
+                    # the body has nowhere to go, so the connection closes after this.
+                    self.keep_alive = False
+                self.finish()
+            elif kind is Informational:
+                status = event.status  # type: ignore[attr-defined]
+                if status == 100:
+                    if (
+                        self.head is not None
+                        and self.head.expect_continue
+                        and not self.continue_sent
+                    ):
+                        self.continue_sent = True
+                        downstream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                else:
+                    downstream.write(encode_response_head(status, b"", event.headers))  # type: ignore[attr-defined]
+            elif kind is Upgraded:
+                if self.status == 101:
+                    downstream.write(event.tail)  # type: ignore[attr-defined]
+                else:
+                    # The upstream refused the upgrade: the connection carries no more requests.
+                    self.keep_alive = False
+                    self.response_done = True
+                    self.finish()
+
+    def _response_head(self, rh: ResponseHead) -> None:
+        head = self.head
+        assert head is not None
+        self.status = rh.status
+        self.response_started = True
+        if self.upstream is not None:
+            self.upstream.keep_alive = rh.keep_alive
+        if self.timer is not None and rh.status == 101:
+            self.timer.cancel()
+            self.timer = None
+        headers = strip_hop_by_hop(rh.headers)
+        bodyless = head.method == b"HEAD" or rh.status in (204, 304) or rh.status < 200
+        if rh.status == 101:
+            headers.append((b"connection", b"upgrade"))
+            if head.upgrade is not None:
+                headers.append((b"upgrade", head.upgrade))
+        elif not bodyless and rh.content_length is None:
+            if head.version == b"1.1":
+                # Re-frame chunked or close-delimited bodies as chunked for a 1.1 client.
+                self.chunked_out = True
+                headers.append((b"transfer-encoding", b"chunked"))
+            else:
+                self.keep_alive = False
+        if rh.status != 101:
+            if self.downstream.draining or self.downstream.chain.retired:
+                self.keep_alive = False
+            if not self.keep_alive:
+                headers.append((b"connection", b"close"))
+            elif head.version == b"1.0":
+                headers.append((b"connection", b"keep-alive"))
+        self.downstream.write(encode_response_head(rh.status, rh.reason, headers))
+        if rh.status == 101:
+            self._switch_protocols()
+
+    def _switch_protocols(self) -> None:
+        downstream = self.downstream
+        conn = self.upstream
+        assert conn is not None
+        downstream.upgraded = True
+        downstream.upgrade_pending = False
+        conn.upgraded = True
+        if downstream.transport is not None and not downstream.transport.is_closing():
+            downstream.transport.resume_reading()
+        if self.upgrade_tail:
+            conn.write(self.upgrade_tail)
+            self.upgrade_tail = b""
+        # Bytes now flow raw in both directions until either side closes.
+
+    # -- failures ------------------------------------------------------------------------
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        if self.cluster is not None:
+            self.cluster.stats.timeouts += 1
+        self.abort_upstream()
+        if self.response_started:
+            self.status = 504
+            self.downstream.abort()
+            self.finish()
+        else:
+            self.local_reply(504, "upstream_timeout")
+
+    def upstream_failed(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.abort_upstream()
+        if self.response_started:
+            self.downstream.abort()
+            self.finish()
+        else:
+            self.local_reply(502, reason, close=not self.request_done)
+
+    def upstream_lost(self, conn: HttpUpstream, exc: Exception | None) -> None:
+        """The upstream connection ended while this exchange used it."""
+        if self.finished or conn is not self.upstream:
+            return
+        self.upstream = None
+        if conn.upgraded:
+            self.response_done = True
+            self.downstream.close()
+            self.finish()
+            return
+        if exc is None and self.response_started:
+            try:
+                events = conn.decoder.feed_eof()
+            except ParseError:
+                events = None
+            if events is not None:
+                self._response_events(list(events))
+                if self.finished:
+                    return
+        if (
+            self.reused
+            and not self.response_started
+            and not self.attempt_retried
+            and self.head is not None
+            and not self.head.chunked
+            and not self.head.content_length
+            and self.head.upgrade is None
+        ):
+            # A pooled connection the upstream closed just as we reused it: the request
+            # never reached the application, and it has no body, so try once on a new one.
+            self.attempt_retried = True
+            self.connect()
+            return
+        self.upstream_failed("upstream_reset")
+
+    def downstream_lost(self) -> None:
+        if self.finished:
+            return
+        self.abort_upstream()
+        if not self.response_done:
+            self.status = 499  # client closed the connection before the response ended
+        self.finish()
+
+    def abort_upstream(self) -> None:
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.abort()
+
+    # -- local replies and the end ----------------------------------------------------------
+    def local_reply(self, status: int, reason: str, *, close: bool = False) -> None:
+        """Answer from the proxy itself, naming the reason in a header and the body."""
+        self.abort_upstream()
+        self.status = status
+        body = reason.replace("_", " ").encode() + b"\n"
+        if close or (not self.request_done and not self._request_complete()):
+            self.keep_alive = False
+        if self.downstream.draining or self.downstream.chain.retired:
+            self.keep_alive = False
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(body)).encode()),
+            (ERROR_HEADER, reason.encode()),
+        ]
+        if not self.keep_alive:
+            headers.append((b"connection", b"close"))
+        self.response_started = True
+        self.response_done = True
+        send_body = self.head is None or self.head.method != b"HEAD"
+        self.downstream.write(
+            encode_response_head(status, b"", headers) + (body if send_body else b"")
+        )
+        self.finish()
+
+    def _request_complete(self) -> bool:
+        head = self.head
+        # A request with no body is complete once its head is in; anything else
+        # is complete only when its end arrived.
+        return (
+            head is not None
+            and not head.chunked
+            and not head.content_length
+            and head.upgrade is None
+        )
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        downstream = self.downstream
+        conn = self.upstream
+        if conn is not None and not conn.upgraded:
+            self.upstream = None
+            conn.exchange = None
+            if (
+                self.response_done
+                and self.request_done
+                and conn.keep_alive
+                and not conn.closed
+                and self.cluster is not None
+                and self.endpoint is not None
+                and self.cluster.release(self.endpoint, conn)
+            ):
+                pass
+            else:
+                conn.close()
+        self._record()
+        if conn is not None and conn.upgraded:
+            return
+        if downstream.exchange is self:
+            if self.keep_alive and (self.request_done or self._request_complete()):
+                downstream._next()
+            else:
+                downstream.exchange = None
+                downstream.close()
+
+    def _record(self) -> None:
+        chain = self.downstream.chain
+        route = self.route
+        duration = time.monotonic() - self.start
+        route_name = route.name if route is not None else "none"
+        cluster_name = route.cluster if route is not None else "none"
+        chain.metrics.http_stats(chain.listener, route_name, cluster_name).record(
+            self.status, duration
+        )
+        log = chain.access_log
+        if log is not None:
+            head = self.head
+            log.log(
+                {
+                    "start_time": time.time() - duration,
+                    "duration_ms": round(duration * 1000, 3),
+                    "listener": chain.listener,
+                    "route": route_name,
+                    "cluster": cluster_name,
+                    "upstream": str(self.endpoint) if self.endpoint is not None else None,
+                    "downstream": self.downstream.peer.decode(),
+                    "method": head.method.decode() if head else None,
+                    "path": head.target.decode("latin-1") if head else None,
+                    "authority": head.host.decode("latin-1") if head else None,
+                    "protocol": f"HTTP/{head.version.decode()}" if head else None,
+                    "status": self.status,
+                    "request_id": _header(head, b"x-request-id"),
+                    "user_agent": _header(head, b"user-agent"),
+                }
+            )
+
+
+def _header(head: RequestHead | None, name: bytes) -> str | None:
+    if head is None:
+        return None
+    for n, v in head.headers:
+        if n == name:
+            return v.decode("latin-1")
+    return None
+
+
+class HttpUpstream(asyncio.Protocol):
+    """One connection to an endpoint, used by one exchange at a time, then pooled."""
+
+    def __init__(self, cluster: ClusterRuntime, endpoint: Endpoint) -> None:
+        self.cluster = cluster
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.decoder = ResponseDecoder()
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.closed = False
+        self.upgraded = False
+        # the last response allows reuse of the connection
+        self.keep_alive = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.cluster.stats.bytes_received += len(data)
+        ex = self.exchange
+        if ex is None:
+            # Bytes from an idle connection belong to no request: the connection is unusable.
+            self.close()
+            return
+        if self.upgraded:
+            ex.downstream.write(data)
+            return
+        ex.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.cluster.stats.cx_active -= 1
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_lost(self, exc)
+        else:
+            self.cluster.forget(self.endpoint, self)
+
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        self.cluster.stats.bytes_sent += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # the upstream's write buffer governs reading from the client
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.downstream.paused_by_upstream = True
+            ex.downstream._update_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.downstream.paused_by_upstream = False
+            ex.downstream._update_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

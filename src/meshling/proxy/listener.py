@@ -1,0 +1,111 @@
+"""Listeners at run time: a compiled filter chain per listener, and open connections.
+
+A connection captures the `ChainRuntime` current when it was accepted and keeps
+it to the end, so a reload never changes the rules under an open connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Protocol
+
+from meshling.proxy.router import Router
+
+if TYPE_CHECKING:
+    from meshling.proxy.cluster import ClusterRuntime
+    from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
+    from meshling.telemetry.accesslog import AccessLogWriter
+    from meshling.telemetry.metrics import ListenerStats, Metrics
+
+
+class Connection(Protocol):
+    """What the proxy needs from every downstream connection to sweep and drain it."""
+
+    def tick(self, now: float) -> None: ...
+    def is_idle(self) -> bool: ...
+    def drain(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+ConnectionSet = set[Connection]
+
+
+class ChainRuntime:
+    """One listener's filter chain, compiled against one snapshot."""
+
+    __slots__ = (
+        "access_log",
+        "clusters",
+        "draining",
+        "http",
+        "listener",
+        "listener_stats",
+        "metrics",
+        "retired",
+        "router",
+        "tcp",
+        "version",
+    )
+
+    def __init__(
+        self,
+        listener: Listener,
+        clusters: dict[str, ClusterRuntime],
+        metrics: Metrics,
+        access_log: AccessLogWriter | None,
+        version: str,
+    ) -> None:
+        chain = listener.filter_chains[0]
+        self.listener = listener.name
+        self.http: HttpFilter | None = chain.http
+        self.tcp: TcpFilter | None = chain.tcp
+        self.router = Router(chain.http.route_config) if chain.http is not None else None
+        self.clusters = clusters
+        self.metrics = metrics
+        self.listener_stats: ListenerStats = metrics.listener_stats(listener.name)
+        self.access_log = access_log
+        self.version = version
+        self.draining = False
+        # replaced by a reload: connections on it close after their current response
+        self.retired = False
+
+
+class ListenerRuntime:
+    """A bound socket whose new connections use whatever chain is current."""
+
+    def __init__(self, config: Listener, chain: ChainRuntime, connections: ConnectionSet) -> None:
+        self.config = config
+        self.chain = chain
+        self.connections = connections
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The protocol is fixed per listener address, so it is chosen once, here.
+        if self.chain.http is not None:
+            from meshling.proxy.http import HttpDownstream as downstream
+        else:
+            from meshling.proxy.tcp import TcpDownstream as downstream  # type: ignore[assignment]
+
+        def factory() -> asyncio.Protocol:
+            return downstream(self.chain, self.connections)
+
+        self.server = await loop.create_server(
+            factory,
+            self.config.address,
+            self.config.port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=bool(os.environ.get("MESHLING_REUSE_PORT")),
+        )
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None and self.server.sockets
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,107 @@
+"""Route selection: a pure function of the request head and the route config.
+
+Virtual hosts are chosen as Envoy does — exact domain, then the longest
+``*.suffix``, then the longest ``prefix.*``, then ``*`` — and within a virtual
+host the first route whose match holds wins.
+"""
+
+from __future__ import annotations
+
+from meshling.snapshot.model import HeaderMatch, Route, RouteConfig, RouteMatch, VirtualHost
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    colon = host.rfind(":")
+    return host[:colon] if colon >= 0 else host
+
+
+class Router:
+    """A route config compiled for lookups."""
+
+    __slots__ = ("_any", "_exact", "_prefixes", "_suffixes", "config")
+
+    def __init__(self, config: RouteConfig) -> None:
+        self.config = config
+        self._exact: dict[str, VirtualHost] = {}
+        self._suffixes: list[tuple[str, VirtualHost]] = []
+        self._prefixes: list[tuple[str, VirtualHost]] = []
+        self._any: VirtualHost | None = None
+        for vh in config.virtual_hosts:
+            for domain in vh.domains:
+                if domain == "*":
+                    self._any = vh
+                elif domain.startswith("*."):
+                    self._suffixes.append((domain[1:], vh))
+                elif domain.endswith(".*"):
+                    self._prefixes.append((domain[:-1], vh))
+                else:
+                    self._exact[domain] = vh
+        self._suffixes.sort(key=lambda item: -len(item[0]))
+        self._prefixes.sort(key=lambda item: -len(item[0]))
+
+    def virtual_host(self, host: bytes) -> VirtualHost | None:
+        name = host.decode("latin-1").lower()
+        vh = self._exact.get(name)
+        if vh is not None:
+            return vh
+        name = _strip_port(name)
+        vh = self._exact.get(name)
+        if vh is not None:
+            return vh
+        for suffix, vh in self._suffixes:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return vh
+        for prefix, vh in self._prefixes:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                return vh
+        return self._any
+
+    def route(
+        self, host: bytes, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+    ) -> Route | None:
+        vh = self.virtual_host(host)
+        if vh is None:
+            return None
+        for route in vh.routes:
+            if matches(route.match, method, path, headers):
+                return route
+        return None
+
+
+def matches(
+    match: RouteMatch, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+) -> bool:
+    """Does a request (path without the query) satisfy a route's match?"""
+    pm = match.path
+    if pm.kind == "prefix":
+        if not path.startswith(pm.value):
+            return False
+    elif pm.kind == "exact":
+        if path != pm.value:
+            return False
+    elif pm.pattern is None or pm.pattern.fullmatch(path) is None:
+        return False
+    if match.methods and method not in match.methods:
+        return False
+    return all(_header_matches(hm, headers) for hm in match.headers)
+
+
+def _header_matches(hm: HeaderMatch, headers: list[tuple[bytes, bytes]]) -> bool:
+    # Several fields with one name are matched as their comma-joined value (RFC 9110 5.3).
+    values = [v for n, v in headers if n == hm.name]
+    if hm.kind == "present":
+        found = bool(values)
+    elif not values:
+        found = False
+    else:
+        value = b", ".join(values).decode("latin-1")
+        if hm.kind == "exact":
+            found = value == hm.value
+        elif hm.kind == "prefix":
+            found = value.startswith(hm.value)
+        else:
+            found = hm.pattern is not None and hm.pattern.fullmatch(value) is not None
+    return found != hm.invert

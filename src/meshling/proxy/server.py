@@ -1,0 +1,242 @@
+"""The proxy process: listeners, reloads, timers and graceful shutdown.
+
+Shutdown is an explicit sequence: stop accepting -> tell every connection to
+finish its current request and close -> wait until they are gone or the drain
+timeout passes -> abort what is left -> close pooled upstream connections.
+
+A reload builds a complete new runtime from the new snapshot first; if that
+fails (invalid file, a port that cannot be bound) the old one keeps running
+and the reason is logged and counted. Listeners whose address is unchanged
+keep their socket, so no connection attempt is refused during a reload, and
+open connections finish on the configuration they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from meshling.proxy.cluster import ClusterRuntime, PoolSet
+from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime
+from meshling.snapshot import Snapshot, SnapshotError, load
+from meshling.snapshot.model import Listener
+from meshling.telemetry.accesslog import AccessLogWriter
+from meshling.telemetry.metrics import Metrics
+
+log = logging.getLogger("meshling.proxy")
+
+TICK = 1.0
+
+
+class Proxy:
+    def __init__(self, snapshot: Snapshot, config_path: str | None = None) -> None:
+        self.snapshot = snapshot
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.pools = PoolSet()
+        self.connections: set[Connection] = set()
+        self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
+        self.access_log: AccessLogWriter | None = None
+        self.admin: asyncio.Server | None = None
+        self.ready = False
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.started_at = time.monotonic()
+        self._config_mtime = self._mtime()
+        self._ticker: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # -- start ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from meshling.admin.server import start_admin
+
+        await self._apply(self.snapshot)
+        self.admin = await start_admin(self)
+        self._ticker = asyncio.ensure_future(self._tick())
+        self.ready = True
+        names = ", ".join(f"{li.name}@{li.address}:{li.port}" for li in self.snapshot.listeners)
+        log.info(
+            "ready: snapshot %s, listeners %s, admin %s:%d",
+            self.snapshot.version,
+            names,
+            self.snapshot.admin.address,
+            self.snapshot.admin.port,
+        )
+
+    def _chains(
+        self, snapshot: Snapshot, access_log: AccessLogWriter | None
+    ) -> dict[tuple[str, int], tuple[Listener, ChainRuntime]]:
+        clusters = {
+            name: ClusterRuntime(cluster, self.pools, self.metrics.cluster_stats(name))
+            for name, cluster in snapshot.clusters.items()
+        }
+        return {
+            (li.address, li.port): (
+                li,
+                ChainRuntime(li, clusters, self.metrics, access_log, snapshot.version),
+            )
+            for li in snapshot.listeners
+        }
+
+    async def _apply(self, snapshot: Snapshot) -> None:
+        """Switch to a snapshot, all or nothing."""
+        old_log = self.access_log
+        if snapshot.access_log is None:
+            access_log = None
+        elif old_log is not None and old_log.config == snapshot.access_log:
+            access_log = old_log
+        else:
+            access_log = AccessLogWriter(snapshot.access_log, self.metrics)
+        chains = self._chains(snapshot, access_log)
+        for key, runtime in list(self.listeners.items()):
+            if key in chains and (chains[key][1].http is None) != (runtime.chain.http is None):
+                # Same address, other protocol: the socket is rebound for the new one.
+                runtime.stop_accepting()
+                del self.listeners[key]
+        started: list[ListenerRuntime] = []
+        try:
+            for key, (config, chain) in chains.items():
+                if key not in self.listeners:
+                    runtime = ListenerRuntime(config, chain, self.connections)
+                    await runtime.start()
+                    started.append(runtime)
+        except OSError as exc:
+            for runtime in started:
+                runtime.stop_accepting()
+            if access_log is not None and access_log is not old_log:
+                access_log.close()
+            raise SnapshotError(
+                self.config_path or "<snapshot>",
+                f"listeners[{runtime_index(snapshot, key)}]",
+                f"cannot listen on {key[0]}:{key[1]}: {exc.strerror}",
+            ) from None
+        for runtime in started:
+            self.listeners[(runtime.config.address, runtime.config.port)] = runtime
+        for key, runtime in list(self.listeners.items()):
+            # Keep-alive clients of the old chain reconnect after their next response,
+            # so that every connection soon runs on the new snapshot.
+            if key not in chains or runtime.chain is not chains[key][1]:
+                runtime.chain.retired = True
+            if key in chains:
+                runtime.config, runtime.chain = chains[key]
+            else:
+                runtime.stop_accepting()
+                del self.listeners[key]
+        if old_log is not None and old_log is not access_log:
+            old_log.close()
+        self.access_log = access_log
+        self.snapshot = snapshot
+        self.metrics.snapshot_version = snapshot.version
+
+    # -- reload ---------------------------------------------------------------------
+    def _mtime(self) -> float:
+        if self.config_path is None:
+            return 0.0
+        try:
+            return os.stat(self.config_path).st_mtime
+        except OSError:
+            return 0.0
+
+    async def reload(self) -> bool:
+        """Load the config file again; keep the running snapshot if it is invalid."""
+        if self.config_path is None or self.draining:
+            return False
+        self._config_mtime = self._mtime()
+        try:
+            snapshot = load(self.config_path)
+            if snapshot.admin != self.snapshot.admin:
+                raise SnapshotError(
+                    self.config_path, "admin", "the admin listener cannot change on reload"
+                )
+            await self._apply(snapshot)
+        except SnapshotError as exc:
+            self.metrics.reloads["rejected"] += 1
+            log.error("reload rejected, still running snapshot %s: %s", self.snapshot.version, exc)
+            return False
+        self.metrics.reloads["ok"] += 1
+        log.info("reloaded: snapshot %s", snapshot.version)
+        return True
+
+    # -- timers ---------------------------------------------------------------------
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.tick(now)
+            self.pools.sweep()
+            if self.config_path is not None and self._mtime() != self._config_mtime:
+                await self.reload()
+
+    # -- shutdown -------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        timeout = self.snapshot.drain_timeout
+        log.info("draining: %d connections, up to %.1fs", len(self.connections), timeout)
+        # 1. stop accepting
+        for runtime in self.listeners.values():
+            runtime.stop_accepting()
+            runtime.chain.draining = True
+        # 2. ask connections to finish their current request and close
+        for conn in list(self.connections):
+            conn.drain()
+        # 3. wait for them, up to the drain timeout
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # 4. abort whatever is left
+        left = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        if left:
+            log.warning("drain timeout: aborted %d connections", left)
+        # 5. close pooled upstream connections and the rest
+        self.pools.close_all()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.admin is not None:
+            self.admin.close()
+        log.info("stopped")
+        self.stopped.set()
+
+
+def runtime_index(snapshot: Snapshot, key: tuple[str, int]) -> int:
+    for i, li in enumerate(snapshot.listeners):
+        if (li.address, li.port) == key:
+            return i
+    return 0
+
+
+async def serve(config_path: str) -> int:
+    try:
+        proxy = Proxy(load(config_path), str(Path(config_path)))
+        await proxy.start()
+    except SnapshotError as exc:
+        log.error("%s", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, proxy.begin_drain)
+    loop.add_signal_handler(signal.SIGINT, proxy.begin_drain)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(proxy.reload()))
+    await proxy.stopped.wait()
+    return 0
+
+
+def run(config_path: str) -> int:
+    """Run a standalone proxy from a snapshot file until SIGTERM; the process exit code."""
+    import uvloop
+
+    return int(uvloop.run(serve(config_path)))

@@ -1,0 +1,266 @@
+"""L4 proxying: opaque bytes between a downstream and an upstream connection.
+
+Each side is an `asyncio.Protocol`; they share a `TcpSession`. Flow control is
+symmetric: when one side's write buffer passes its high-water mark, the other
+side stops reading until it drains. A FIN from one side is passed on as a
+write-EOF to the other (half-close); the session ends when both directions
+are done, on an error, or after the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, cast
+
+from meshling.proxy.cluster import ConnectError
+
+if TYPE_CHECKING:
+    from meshling.proxy.listener import ChainRuntime, ConnectionSet
+    from meshling.telemetry.metrics import TcpStats
+
+# Bytes buffered from a downstream that is still waiting for its upstream connection.
+PENDING_LIMIT = 256 * 1024
+
+
+class TcpDownstream(asyncio.Protocol):
+    """The accepted connection; opens the upstream and forwards to it."""
+
+    def __init__(self, chain: ChainRuntime, connections: ConnectionSet) -> None:
+        # per-connection
+        self.chain = chain
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.upstream: TcpUpstream | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.pending_eof = False
+        self.connecting: asyncio.Task[None] | None = None
+        self.stats: TcpStats | None = None
+        self.last_activity = time.monotonic()
+        self.closed = False
+        self.eof_in = False  # downstream sent FIN
+        self.eof_out = False  # upstream sent FIN (passed downstream)
+
+    # -- lifecycle --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        tcp = self.chain.tcp
+        assert tcp is not None
+        self.stats = self.chain.metrics.tcp_stats(self.chain.listener, tcp.cluster)
+        self.stats.cx_total += 1
+        self.stats.cx_active += 1
+        self.chain.listener_stats.cx_total += 1
+        self.chain.listener_stats.cx_active += 1
+        self.connections.add(self)
+        self.connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        tcp = self.chain.tcp
+        assert tcp is not None
+        cluster = self.chain.clusters[tcp.cluster]
+        endpoint = cluster.pick()
+        if endpoint is None:
+            cluster.stats.no_endpoint += 1
+            self.abort()
+            return
+        try:
+            protocol = await cluster.connect(endpoint, lambda: TcpUpstream(self))
+        except ConnectError:
+            self.abort()
+            return
+        finally:
+            self.connecting = None
+        assert isinstance(protocol, TcpUpstream)
+        if self.closed:
+            protocol.close()
+            return
+        cluster.stats.cx_total += 1
+        cluster.stats.cx_active += 1
+        self.upstream = protocol
+        if self.pending:
+            protocol.write(b"".join(self.pending))
+            self.pending.clear()
+            self.pending_size = 0
+            assert self.transport is not None
+            self.transport.resume_reading()
+        if self.pending_eof:
+            protocol.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+        if self.upstream is not None:
+            if exc is None and self.eof_in:
+                self.upstream.write_eof()
+            else:
+                self.upstream.close()
+
+    def _finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.connections.discard(self)
+        assert self.stats is not None
+        self.stats.cx_active -= 1
+        self.chain.listener_stats.cx_active -= 1
+        if self.connecting is not None:
+            self.connecting.cancel()
+
+    # -- downstream -> upstream ------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        n = len(data)
+        assert self.stats is not None
+        self.stats.bytes_received += n
+        self.chain.listener_stats.bytes_received += n
+        if self.upstream is not None:
+            self.upstream.write(data)
+        else:
+            self.pending.append(data)
+            self.pending_size += n
+            if self.pending_size > PENDING_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        if self.upstream is not None:
+            self.upstream.write_eof()
+        else:
+            self.pending_eof = True
+        if self.eof_out:
+            self.close()
+            return False
+        return True  # keep the transport open: the other direction may still flow
+
+    # -- upstream -> downstream ------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        n = len(data)
+        assert self.stats is not None
+        self.stats.bytes_sent += n
+        self.chain.listener_stats.bytes_sent += n
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        self.eof_out = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.eof_in:
+            self.transport.close()
+        else:
+            self.transport.write_eof()
+
+    # -- flow control: our transport's buffer governs the upstream's reading -----
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- ending -----------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Called about once a second: close the connection after the idle timeout."""
+        tcp = self.chain.tcp
+        assert tcp is not None
+        if tcp.idle_timeout and now - self.last_activity > tcp.idle_timeout:
+            self.close()
+
+    def drain(self) -> None:
+        """An opaque stream has no request boundary: it finishes on its own or at the deadline."""
+
+    def is_idle(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
+
+
+class TcpUpstream(asyncio.Protocol):
+    """The connection to the chosen endpoint."""
+
+    def __init__(self, downstream: TcpDownstream) -> None:
+        self.downstream = downstream
+        self.transport: asyncio.Transport | None = None
+        self.eof_sent = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.downstream.write(data)
+
+    def eof_received(self) -> bool:
+        self.downstream.write_eof()
+        return not self.eof_sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        tcp = self.downstream.chain.tcp
+        assert tcp is not None
+        stats = self.downstream.chain.clusters[tcp.cluster].stats
+        stats.cx_active -= 1
+        if exc is not None:
+            # A reset upstream resets downstream too, so the client sees the failure.
+            self.downstream.abort()
+        elif not self.downstream.eof_out:
+            self.downstream.write_eof()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        self.eof_sent = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.downstream.eof_out:
+            self.transport.close()
+        else:
+            self.transport.write_eof()
+
+    def pause_writing(self) -> None:
+        self.downstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.downstream.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,1 @@
+"""Metrics and access logs of the proxy."""
