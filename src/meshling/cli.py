@@ -46,7 +46,7 @@ def _proxy_validate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from meshling.demo.main import run
 
-    return run(args.demo_args)
+    return run(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,13 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         description="Run a sample mesh with live traffic; `meshling demo --help` for options.",
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # The demo parses its own options; everything else must be known here.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     _setup_logging(args.log_level)
     return int(args.func(args))
 

@@ -508,19 +508,28 @@ class Exchange:
         self._response_events(events)
 
     def _response_events(self, events: Sequence[object]) -> None:
+        # Everything one read produced goes out in one write: head and body of a small
+        # response share a segment, and the proxy makes one syscall instead of three.
         downstream = self.downstream
+        out: list[bytes] = []
         for event in events:
             if self.finished:
-                return
+                break
             kind = type(event)
             if kind is Data:
                 data = event.data  # type: ignore[attr-defined]
-                downstream.write(encode_chunk(data) if self.chunked_out else data)
+                out.append(encode_chunk(data) if self.chunked_out else data)
             elif kind is ResponseHead:
-                self._response_head(event)  # type: ignore[arg-type]
+                out.append(self._response_head(event))  # type: ignore[arg-type]
+                if self.status == 101:
+                    downstream.write(b"".join(out))
+                    out.clear()
+                    self._switch_protocols()
             elif kind is EndOfMessage:
                 if self.chunked_out:
-                    downstream.write(encode_last_chunk(event.trailers))  # type: ignore[attr-defined]
+                    out.append(encode_last_chunk(event.trailers))  # type: ignore[attr-defined]
+                downstream.write(b"".join(out))
+                out.clear()
                 self.response_done = True
                 if not self.request_done:
                     # The upstream answered before the request body ended: the rest of
@@ -529,26 +538,26 @@ class Exchange:
                 self.finish()
             elif kind is Informational:
                 status = event.status  # type: ignore[attr-defined]
-                if status == 100:
-                    if (
-                        self.head is not None
-                        and self.head.expect_continue
-                        and not self.continue_sent
-                    ):
-                        self.continue_sent = True
-                        downstream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                else:
-                    downstream.write(encode_response_head(status, b"", event.headers))  # type: ignore[attr-defined]
+                if status != 100:
+                    out.append(encode_response_head(status, b"", event.headers))  # type: ignore[attr-defined]
+                elif self.head is not None and self.head.expect_continue and not self.continue_sent:
+                    self.continue_sent = True
+                    out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif kind is Upgraded:
                 if self.status == 101:
-                    downstream.write(event.tail)  # type: ignore[attr-defined]
+                    out.append(event.tail)  # type: ignore[attr-defined]
                 else:
                     # The upstream refused the upgrade: the connection carries no more requests.
+                    downstream.write(b"".join(out))
+                    out.clear()
                     self.keep_alive = False
                     self.response_done = True
                     self.finish()
+        if out:
+            downstream.write(b"".join(out) if len(out) > 1 else out[0])
 
-    def _response_head(self, rh: ResponseHead) -> None:
+    def _response_head(self, rh: ResponseHead) -> bytes:
+        """The downstream response head for an upstream one (101 also switches protocols)."""
         head = self.head
         assert head is not None
         self.status = rh.status
@@ -578,9 +587,7 @@ class Exchange:
                 headers.append((b"connection", b"close"))
             elif head.version == b"1.0":
                 headers.append((b"connection", b"keep-alive"))
-        self.downstream.write(encode_response_head(rh.status, rh.reason, headers))
-        if rh.status == 101:
-            self._switch_protocols()
+        return encode_response_head(rh.status, rh.reason, headers)
 
     def _switch_protocols(self) -> None:
         downstream = self.downstream

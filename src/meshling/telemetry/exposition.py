@@ -1,0 +1,173 @@
+"""Prometheus exposition of the proxy's counters through `prometheus_client`.
+
+One custom collector turns the plain counters of `metrics.Metrics` into metric
+families when `/metrics` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from meshling.telemetry.metrics import BUCKETS, STATUS_CLASSES, Metrics
+
+
+def registry(metrics: Metrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(metrics))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        requests = CounterMetricFamily(
+            "meshling_http_requests",
+            "HTTP requests completed, by listener, route, cluster and status class.",
+            labels=["listener", "route", "cluster", "status_class"],
+        )
+        duration = HistogramMetricFamily(
+            "meshling_http_request_duration_seconds",
+            "Time from the request head arriving to the response's last byte sent.",
+            labels=["listener", "route", "cluster"],
+        )
+        for (listener, route, cluster), s in list(m.http.items()):
+            for cls, n in zip(STATUS_CLASSES, s.by_class, strict=True):
+                if n:
+                    requests.add_metric([listener, route, cluster, cls], n)
+            cumulative, acc = [], 0
+            for bound, n in zip((*map(str, BUCKETS), "+Inf"), s.buckets, strict=True):
+                acc += n
+                cumulative.append((bound, acc))
+            duration.add_metric([listener, route, cluster], cumulative, s.sum)
+        yield requests
+        yield duration
+
+        cx_total = CounterMetricFamily(
+            "meshling_downstream_connections",
+            "Downstream connections accepted.",
+            labels=["listener"],
+        )
+        cx_active = GaugeMetricFamily(
+            "meshling_downstream_connections_active",
+            "Open downstream connections.",
+            labels=["listener"],
+        )
+        rx = CounterMetricFamily(
+            "meshling_downstream_received_bytes",
+            "Bytes received from downstream.",
+            labels=["listener"],
+        )
+        tx = CounterMetricFamily(
+            "meshling_downstream_sent_bytes", "Bytes sent to downstream.", labels=["listener"]
+        )
+        errors = CounterMetricFamily(
+            "meshling_http_protocol_errors",
+            "Malformed or refused requests, by the status answered.",
+            labels=["listener", "status"],
+        )
+        for name, ls in list(m.listeners.items()):
+            cx_total.add_metric([name], ls.cx_total)
+            cx_active.add_metric([name], ls.cx_active)
+            rx.add_metric([name], ls.bytes_received)
+            tx.add_metric([name], ls.bytes_sent)
+            for status, n in list(ls.protocol_errors.items()):
+                errors.add_metric([name, str(status)], n)
+        yield from (cx_total, cx_active, rx, tx, errors)
+
+        up_total = CounterMetricFamily(
+            "meshling_upstream_connections", "Upstream connections opened.", labels=["cluster"]
+        )
+        up_active = GaugeMetricFamily(
+            "meshling_upstream_connections_active", "Open upstream connections.", labels=["cluster"]
+        )
+        up_fail = CounterMetricFamily(
+            "meshling_upstream_connect_failures",
+            "Failed upstream connection attempts, by reason.",
+            labels=["cluster", "reason"],
+        )
+        no_ep = CounterMetricFamily(
+            "meshling_upstream_no_endpoint",
+            "Requests or connections refused because the cluster had no endpoint.",
+            labels=["cluster"],
+        )
+        timeouts = CounterMetricFamily(
+            "meshling_upstream_request_timeouts",
+            "Requests that got no complete response within the route timeout.",
+            labels=["cluster"],
+        )
+        up_rx = CounterMetricFamily(
+            "meshling_upstream_received_bytes", "Bytes received from upstream.", labels=["cluster"]
+        )
+        up_tx = CounterMetricFamily(
+            "meshling_upstream_sent_bytes", "Bytes sent to upstream.", labels=["cluster"]
+        )
+        for name, cs in list(m.clusters.items()):
+            up_total.add_metric([name], cs.cx_total)
+            up_active.add_metric([name], cs.cx_active)
+            for reason, n in list(cs.connect_failures.items()):
+                up_fail.add_metric([name, reason], n)
+            no_ep.add_metric([name], cs.no_endpoint)
+            timeouts.add_metric([name], cs.timeouts)
+            up_rx.add_metric([name], cs.bytes_received)
+            up_tx.add_metric([name], cs.bytes_sent)
+        yield from (up_total, up_active, up_fail, no_ep, timeouts, up_rx, up_tx)
+
+        tcp_total = CounterMetricFamily(
+            "meshling_tcp_connections",
+            "TCP connections proxied.",
+            labels=["listener", "cluster"],
+        )
+        tcp_active = GaugeMetricFamily(
+            "meshling_tcp_connections_active",
+            "Open proxied TCP connections.",
+            labels=["listener", "cluster"],
+        )
+        tcp_rx = CounterMetricFamily(
+            "meshling_tcp_received_bytes",
+            "Bytes received from downstream on TCP connections.",
+            labels=["listener", "cluster"],
+        )
+        tcp_tx = CounterMetricFamily(
+            "meshling_tcp_sent_bytes",
+            "Bytes sent to downstream on TCP connections.",
+            labels=["listener", "cluster"],
+        )
+        for (listener, cluster), ts in list(m.tcp.items()):
+            tcp_total.add_metric([listener, cluster], ts.cx_total)
+            tcp_active.add_metric([listener, cluster], ts.cx_active)
+            tcp_rx.add_metric([listener, cluster], ts.bytes_received)
+            tcp_tx.add_metric([listener, cluster], ts.bytes_sent)
+        yield from (tcp_total, tcp_active, tcp_rx, tcp_tx)
+
+        reloads = CounterMetricFamily(
+            "meshling_config_reloads", "Snapshot reloads, by result.", labels=["result"]
+        )
+        for result, n in m.reloads.items():
+            reloads.add_metric([result], n)
+        yield reloads
+        info = GaugeMetricFamily(
+            "meshling_snapshot_info", "The running snapshot's version.", labels=["version"]
+        )
+        info.add_metric([m.snapshot_version], 1)
+        yield info
+        yield CounterMetricFamily(
+            "meshling_access_log_dropped",
+            "Access log entries dropped because the writer fell behind.",
+            value=m.access_log_dropped,
+        )
