@@ -350,7 +350,7 @@ class Exchange:
         self.upstream: HttpUpstream | None = None
         self.upstream_head = b""
         self.connect_task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: int | None = None  # slot on the deadline wheel
         # request bytes (already framed for the upstream) waiting for a connection
         self.pending: list[bytes] = []
         self.pending_size = 0
@@ -472,8 +472,8 @@ class Exchange:
             self._send_upstream(encode_last_chunk(trailers))
         route = self.route
         if route is not None and route.timeout and not self.finished and head.upgrade is None:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(route.timeout, self.on_timeout)
+            # Like Envoy's route timeout, it runs from the end of the request.
+            self.timer = self.downstream.chain.deadlines.add(self, route.timeout)
         if self.response_done:
             self.finish()
 
@@ -565,7 +565,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.keep_alive = rh.keep_alive
         if self.timer is not None and rh.status == 101:
-            self.timer.cancel()
+            self.downstream.chain.deadlines.remove(self, self.timer)
             self.timer = None
         headers = strip_hop_by_hop(rh.headers)
         bodyless = head.method == b"HEAD" or rh.status in (204, 304) or rh.status < 200
@@ -722,7 +722,7 @@ class Exchange:
             return
         self.finished = True
         if self.timer is not None:
-            self.timer.cancel()
+            self.downstream.chain.deadlines.remove(self, self.timer)
             self.timer = None
         downstream = self.downstream
         conn = self.upstream

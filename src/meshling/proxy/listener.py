@@ -14,6 +14,7 @@ from meshling.proxy.router import Router
 
 if TYPE_CHECKING:
     from meshling.proxy.cluster import ClusterRuntime
+    from meshling.proxy.deadlines import Deadlines
     from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
     from meshling.telemetry.accesslog import AccessLogWriter
     from meshling.telemetry.metrics import ListenerStats, Metrics
@@ -38,6 +39,7 @@ class ChainRuntime:
     __slots__ = (
         "access_log",
         "clusters",
+        "deadlines",
         "draining",
         "http",
         "listener",
@@ -56,6 +58,7 @@ class ChainRuntime:
         metrics: Metrics,
         access_log: AccessLogWriter | None,
         version: str,
+        deadlines: Deadlines,
     ) -> None:
         chain = listener.filter_chains[0]
         self.listener = listener.name
@@ -67,6 +70,7 @@ class ChainRuntime:
         self.listener_stats: ListenerStats = metrics.listener_stats(listener.name)
         self.access_log = access_log
         self.version = version
+        self.deadlines = deadlines
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False

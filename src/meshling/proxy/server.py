@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
+from meshling.proxy.deadlines import Deadlines
 from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime
 from meshling.snapshot import Snapshot, SnapshotError, load
 from meshling.snapshot.model import Listener
@@ -38,6 +39,7 @@ class Proxy:
         self.config_path = config_path
         self.metrics = Metrics()
         self.pools = PoolSet()
+        self.deadlines = Deadlines()
         self.connections: set[Connection] = set()
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
         self.access_log: AccessLogWriter | None = None
@@ -77,7 +79,9 @@ class Proxy:
         return {
             (li.address, li.port): (
                 li,
-                ChainRuntime(li, clusters, self.metrics, access_log, snapshot.version),
+                ChainRuntime(
+                    li, clusters, self.metrics, access_log, snapshot.version, self.deadlines
+                ),
             )
             for li in snapshot.listeners
         }
@@ -203,6 +207,7 @@ class Proxy:
             log.warning("drain timeout: aborted %d connections", left)
         # 5. close pooled upstream connections and the rest
         self.pools.close_all()
+        self.deadlines.close()
         if self._ticker is not None:
             self._ticker.cancel()
         if self.access_log is not None:
