@@ -21,7 +21,7 @@ def _strip_port(host: str) -> str:
 class Router:
     """A route config compiled for lookups."""
 
-    __slots__ = ("_any", "_exact", "_prefixes", "_suffixes", "config")
+    __slots__ = ("_any", "_cache", "_exact", "_prefixes", "_suffixes", "config")
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
@@ -29,6 +29,8 @@ class Router:
         self._suffixes: list[tuple[str, VirtualHost]] = []
         self._prefixes: list[tuple[str, VirtualHost]] = []
         self._any: VirtualHost | None = None
+        # Host values repeat: remember the answer for the ones seen, up to a bound.
+        self._cache: dict[bytes, VirtualHost | None] = {}
         for vh in config.virtual_hosts:
             for domain in vh.domains:
                 if domain == "*":
@@ -43,6 +45,17 @@ class Router:
         self._prefixes.sort(key=lambda item: -len(item[0]))
 
     def virtual_host(self, host: bytes) -> VirtualHost | None:
+        try:
+            return self._cache[host]
+        except KeyError:
+            pass
+        vh = self._lookup(host)
+        if len(self._cache) >= 1024:
+            self._cache.clear()
+        self._cache[host] = vh
+        return vh
+
+    def _lookup(self, host: bytes) -> VirtualHost | None:
         name = host.decode("latin-1").lower()
         vh = self._exact.get(name)
         if vh is not None:

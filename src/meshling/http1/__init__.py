@@ -1,0 +1,48 @@
+"""HTTP/1.1 for the proxy: a strict sans-I/O codec and request path normalisation."""
+
+from meshling.http1.codec import (
+    HOP_BY_HOP,
+    Data,
+    EndOfMessage,
+    Headers,
+    Informational,
+    Limits,
+    ParseError,
+    RequestDecoder,
+    RequestEvent,
+    RequestHead,
+    ResponseDecoder,
+    ResponseEvent,
+    ResponseHead,
+    Upgraded,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+    encode_response_head,
+    strip_hop_by_hop,
+)
+from meshling.http1.path import PathError, normalize_path
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Data",
+    "EndOfMessage",
+    "Headers",
+    "Informational",
+    "Limits",
+    "ParseError",
+    "PathError",
+    "RequestDecoder",
+    "RequestEvent",
+    "RequestHead",
+    "ResponseDecoder",
+    "ResponseEvent",
+    "ResponseHead",
+    "Upgraded",
+    "encode_chunk",
+    "encode_last_chunk",
+    "encode_request_head",
+    "encode_response_head",
+    "normalize_path",
+    "strip_hop_by_hop",
+]
