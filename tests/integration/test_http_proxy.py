@@ -305,3 +305,43 @@ def test_http_proxy_http10_client_gets_close_delimited_or_length(start_proxy, ng
     assert out.startswith(b"HTTP/1.1 200")
     assert b"transfer-encoding" not in out.lower()
     assert out.endswith(b"hello from nginx\n")
+
+
+def test_http_proxy_access_log_writes_json_lines(start_proxy, nginx: Nginx, tmp_path: Path) -> None:
+    import json
+
+    log = tmp_path / "access.log"
+    doc = http_snapshot(
+        free_port(),
+        free_port(),
+        [nginx.port],
+        extra={
+            "access_log": {
+                "path": str(log),
+                "fields": [
+                    "method",
+                    "path",
+                    "status",
+                    "route",
+                    "bytes_sent",
+                    "error",
+                    "request_id",
+                ],
+            }
+        },
+    )
+    proxy = start_proxy(doc)
+    assert http_get(proxy.url + "/hello")[0] == 200
+    assert http_get(proxy.url + "/missing-file")[0] == 404
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, 5, "access log lines")
+    first, second = (json.loads(line) for line in log.read_text().splitlines()[:2])
+    assert first["method"] == "GET" and first["path"] == "/hello" and first["status"] == 200
+    assert first["bytes_sent"] == len(b"hello from nginx\n") and first["error"] is None
+    assert first["request_id"]
+    assert set(first) == {"method", "path", "status", "route", "bytes_sent", "error", "request_id"}
+    assert second["status"] == 404 and second["route"] == "all"
+    # rotation: the file is moved away and the proxy reopens its path
+    log.rename(tmp_path / "access.log.1")
+    time.sleep(1.2)
+    assert http_get(proxy.url + "/hello")[0] == 200
+    wait_for(lambda: log.exists() and "/hello" in log.read_text(), 5, "reopened access log")

@@ -314,12 +314,15 @@ class Exchange:
 
     __slots__ = (
         "attempt_retried",
+        "body_in",
+        "body_out",
         "chunked_out",
         "cluster",
         "connect_task",
         "continue_sent",
         "downstream",
         "endpoint",
+        "error",
         "finished",
         "head",
         "keep_alive",
@@ -327,6 +330,7 @@ class Exchange:
         "pending",
         "pending_size",
         "request_done",
+        "request_id",
         "response_done",
         "response_started",
         "reused",
@@ -372,6 +376,11 @@ class Exchange:
         self.reused = False
         self.attempt_retried = False
         self.status = 0
+        # body bytes received from the client and sent to it, and the proxy's own error
+        self.body_in = 0
+        self.body_out = 0
+        self.error: str | None = None
+        self.request_id = b""
 
     # -- building the upstream request ------------------------------------------------
     def build_upstream_head(self) -> None:
@@ -402,7 +411,8 @@ class Exchange:
         headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
         if not any(n == b"x-forwarded-proto" for n, _ in headers):
             headers.append((b"x-forwarded-proto", b"http"))
-        headers.append((b"x-request-id", request_id or _request_id()))
+        self.request_id = request_id = request_id or _request_id()
+        headers.append((b"x-request-id", request_id))
         if not head.host:
             # An HTTP/1.0 request may lack Host; the upstream speaks 1.1 and needs one.
             headers.append((b"host", str(self.endpoint).encode()))
@@ -461,6 +471,7 @@ class Exchange:
     def request_data(self, data: bytes) -> None:
         head = self.head
         assert head is not None
+        self.body_in += len(data)
         framed = encode_chunk(data) if head.chunked else data
         self._send_upstream(framed)
 
@@ -518,6 +529,7 @@ class Exchange:
             kind = type(event)
             if kind is Data:
                 data = event.data  # type: ignore[attr-defined]
+                self.body_out += len(data)
                 out.append(encode_chunk(data) if self.chunked_out else data)
             elif kind is ResponseHead:
                 out.append(self._response_head(event))  # type: ignore[arg-type]
@@ -613,6 +625,7 @@ class Exchange:
         self.abort_upstream()
         if self.response_started:
             self.status = 504
+            self.error = "upstream_timeout_after_headers"
             self.downstream.abort()
             self.finish()
         else:
@@ -623,6 +636,8 @@ class Exchange:
             return
         self.abort_upstream()
         if self.response_started:
+            # Too late for a status: the client sees the connection reset instead.
+            self.error = reason + "_after_headers"
             self.downstream.abort()
             self.finish()
         else:
@@ -686,6 +701,7 @@ class Exchange:
         """Answer from the proxy itself, naming the reason in a header and the body."""
         self.abort_upstream()
         self.status = status
+        self.error = reason
         body = reason.replace("_", " ").encode() + b"\n"
         if close or (not self.request_done and not self._request_complete()):
             self.keep_alive = False
@@ -777,7 +793,11 @@ class Exchange:
                     "authority": head.host.decode("latin-1") if head else None,
                     "protocol": f"HTTP/{head.version.decode()}" if head else None,
                     "status": self.status,
-                    "request_id": _header(head, b"x-request-id"),
+                    "bytes_received": self.body_in,
+                    "bytes_sent": self.body_out,
+                    "error": self.error,
+                    "request_id": self.request_id.decode("latin-1")
+                    or _header(head, b"x-request-id"),
                     "user_agent": _header(head, b"user-agent"),
                 }
             )
