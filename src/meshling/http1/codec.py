@@ -1165,7 +1165,7 @@ _PHRASES: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
 def _fields(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % field_line for field_line in headers])
+    return b"".join([b"%b: %b\r\n" % field_line for field_line in headers])
 
 
 def _checked(out: bytes, lines: int) -> bytes:
@@ -1178,9 +1178,9 @@ def _checked(out: bytes, lines: int) -> bytes:
 
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """Encode an HTTP/1.1 request line and header fields, ending with the empty line."""
-    if b" " in target or b" " in method:
+    if 32 in target or 32 in method:  # SP
         raise ValueError("space inside a method or request-target")
-    out = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _fields(headers))
+    out = b"%b %b HTTP/1.1\r\n%b\r\n" % (method, target, _fields(headers))
     return _checked(out, len(headers) + 2)
 
 
@@ -1190,7 +1190,7 @@ def encode_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
         raise ValueError(f"status {status} is not three digits")
     if not reason:
         reason = _PHRASES.get(status, b"")
-    out = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _fields(headers))
+    out = b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _fields(headers))
     return _checked(out, len(headers) + 2)
 
 
@@ -1198,22 +1198,31 @@ def encode_chunk(data: bytes) -> bytes:
     """Frame ``data`` as one chunk; an empty chunk would end the body, so it is refused."""
     if not data:
         raise ValueError("an empty chunk is the last chunk: use encode_last_chunk")
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def encode_last_chunk(trailers: Headers) -> bytes:
     """The last chunk, trailer fields and the final empty line."""
-    out = b"0\r\n%s\r\n" % _fields(trailers)
+    out = b"0\r\n%b\r\n" % _fields(trailers)
     return _checked(out, len(trailers) + 2)
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Drop fields meant for one connection only (RFC 9110 7.6.1) before forwarding."""
-    headers = list(headers)
-    drop = HOP_BY_HOP
-    extra = [v for n, v in headers if n.lower() == b"connection"]
-    if extra:
-        named = {t.strip(b" \t").lower() for v in extra for t in v.split(b",")}
-        named.discard(b"")
-        drop = drop | named
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    """Drop fields meant for one connection only (RFC 9110 7.6.1) before forwarding.
+
+    That is HOP_BY_HOP and every field the Connection fields name. Names are compared
+    case-insensitively and kept as they were.
+    """
+    kept: Headers = []
+    connection: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection.append(value)
+        else:
+            kept.append((name, value))
+    if not connection:
+        return kept
+    named = {t.strip(b" \t").lower() for v in connection for t in v.split(b",")}
+    return [(n, v) for n, v in kept if n.lower() not in named]

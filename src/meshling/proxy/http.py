@@ -51,6 +51,8 @@ INTERNAL_PREFIX = b"x-meshling-"
 ERROR_HEADER = b"x-meshling-error"
 # Request body bytes held while the upstream connection is being opened.
 PENDING_LIMIT = 256 * 1024
+# Protocols a client may switch to through the proxy: their bytes pass through opaque.
+UPGRADES = frozenset({b"websocket"})
 # Requests queued behind the one in flight (HTTP/1.1 pipelining) before reading pauses.
 PIPELINE_LIMIT = 16
 
@@ -79,7 +81,9 @@ class HttpDownstream(asyncio.Protocol):
                 max_request_line=http.limits.max_request_line,
                 max_header_bytes=http.limits.max_header_bytes,
                 max_headers=http.limits.max_headers,
-            )
+            ),
+            # Other upgrades (h2c) are served as plain HTTP/1.1 requests.
+            upgrades=UPGRADES,
         )
         self.peer = b""
         self.closed = False
@@ -556,15 +560,8 @@ class Exchange:
                     self.continue_sent = True
                     out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif kind is Upgraded:
-                if self.status == 101:
-                    out.append(event.tail)  # type: ignore[attr-defined]
-                else:
-                    # The upstream refused the upgrade: the connection carries no more requests.
-                    downstream.write(b"".join(out))
-                    out.clear()
-                    self.keep_alive = False
-                    self.response_done = True
-                    self.finish()
+                # Only a 101 switches: what the upstream sent behind its head is the new protocol.
+                out.append(event.tail)  # type: ignore[attr-defined]
         if out:
             downstream.write(b"".join(out) if len(out) > 1 else out[0])
 
