@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Bytecode ahead of time: a proxy then starts without compiling (less time and memory),
+	# even where PYTHONDONTWRITEBYTECODE is set.
+	$(BIN)/python -m compileall -q src/meshling
 	touch $(STAMP)
 
 install: $(STAMP)

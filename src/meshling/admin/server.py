@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import re
 from typing import TYPE_CHECKING, Any, cast
@@ -126,6 +125,8 @@ class AdminProtocol(asyncio.Protocol):
             self.respond(404, TEXT, b"not found: try /ready /live /config /metrics /drain\n", close)
 
     def authorized(self, head: RequestHead) -> bool:
+        import hmac  # only here: it loads OpenSSL's digests, which nothing else needs
+
         token = self.proxy.snapshot.admin.token
         if not token:
             return False

@@ -22,6 +22,7 @@ from itertools import count
 from typing import TYPE_CHECKING, cast
 
 from meshling.http1 import (
+    HOP_BY_HOP,
     Data,
     EndOfMessage,
     Informational,
@@ -33,7 +34,6 @@ from meshling.http1 import (
     Upgraded,
     encode_chunk,
     encode_last_chunk,
-    encode_request_head,
     encode_response_head,
     strip_hop_by_hop,
 )
@@ -55,6 +55,22 @@ PENDING_LIMIT = 256 * 1024
 UPGRADES = frozenset({b"websocket"})
 # Requests queued behind the one in flight (HTTP/1.1 pipelining) before reading pauses.
 PIPELINE_LIMIT = 16
+
+# Fields the proxy writes itself, so the client's copies are dropped or merged.
+_REWRITTEN = HOP_BY_HOP | {b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"}
+# Connection options that name no other field.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _names_other_fields(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Does a Connection field name further hop-by-hop fields (RFC 9110 7.6.1)?"""
+    for name, value in fields:
+        if name == b"connection":
+            for token in value.lower().split(b","):
+                if token.strip(b" \t") not in _CONNECTION_OPTIONS:
+                    return True
+    return False
+
 
 _REQUEST_IDS = count(1)
 _ID_PREFIX = os.urandom(8).hex()
@@ -388,45 +404,49 @@ class Exchange:
 
     # -- building the upstream request ------------------------------------------------
     def build_upstream_head(self) -> None:
+        """Encode the request head for the upstream in one pass over the client's fields.
+
+        Field names arrive lower-cased and values checked by the decoder (no CR, LF or
+        NUL), so they are written out as they are; the fields the mesh owns are rewritten.
+        """
         head = self.head
         assert head is not None
         http = self.downstream.http
-        headers = []
-        xff = b""
-        request_id = b""
-        for name, value in strip_hop_by_hop(head.headers):
-            if name.startswith(INTERNAL_PREFIX):
-                continue
-            if name == b"x-forwarded-for":
-                if http.xff_append:
+        fields = head.headers
+        if _names_other_fields(fields):
+            fields = strip_hop_by_hop(fields)
+        target = self.path + b"?" + head.query if head.query else self.path
+        out = [b"%b %b HTTP/1.1\r\n" % (head.method, target)]
+        xff = xfp = request_id = b""
+        for name, value in fields:
+            if name in _REWRITTEN or name.startswith(INTERNAL_PREFIX):
+                if name == b"x-forwarded-for":
                     xff = xff + b", " + value if xff else value
+                elif name == b"x-request-id":
+                    request_id = request_id or value
+                elif name == b"x-forwarded-proto":
+                    xfp = xfp or value
                 continue
-            if name == b"x-request-id":
-                if http.preserve_request_id and not request_id:
-                    request_id = value
-                continue
-            if name == b"x-forwarded-proto" and http.xff_append:
-                headers.append((name, value))
-                continue
-            if name == b"x-forwarded-proto":
-                continue
-            headers.append((name, value))
+            out.append(b"%b: %b\r\n" % (name, value))
         peer = self.downstream.peer
-        headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
-        if not any(n == b"x-forwarded-proto" for n, _ in headers):
-            headers.append((b"x-forwarded-proto", b"http"))
+        if not http.xff_append:
+            xff = xfp = b""
+        if not http.preserve_request_id:
+            request_id = b""
         self.request_id = request_id = request_id or _request_id()
-        headers.append((b"x-request-id", request_id))
+        out.append(
+            b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n"
+            % (xff + b", " + peer if xff else peer, xfp or b"http", request_id)
+        )
         if not head.host:
             # An HTTP/1.0 request may lack Host; the upstream speaks 1.1 and needs one.
-            headers.append((b"host", str(self.endpoint).encode()))
+            out.append(b"host: %b\r\n" % str(self.endpoint).encode())
         if head.chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
+            out.append(b"transfer-encoding: chunked\r\n")
         if head.upgrade is not None:
-            headers.append((b"connection", b"upgrade"))
-            headers.append((b"upgrade", head.upgrade))
-        target = self.path + b"?" + head.query if head.query else self.path
-        self.upstream_head = encode_request_head(head.method, target, headers)
+            out.append(b"connection: upgrade\r\nupgrade: %b\r\n" % head.upgrade)
+        out.append(b"\r\n")
+        self.upstream_head = b"".join(out)
 
     # -- upstream connection -------------------------------------------------------------
     def connect(self) -> None:
@@ -576,7 +596,11 @@ class Exchange:
         if self.timer is not None and rh.status == 101:
             self.downstream.chain.deadlines.remove(self, self.timer)
             self.timer = None
-        headers = strip_hop_by_hop(rh.headers)
+        headers = rh.headers
+        if _names_other_fields(headers):
+            headers = strip_hop_by_hop(headers)
+        else:
+            headers = [field for field in headers if field[0] not in HOP_BY_HOP]
         bodyless = head.method == b"HEAD" or rh.status in (204, 304) or rh.status < 200
         if rh.status == 101:
             headers.append((b"connection", b"upgrade"))

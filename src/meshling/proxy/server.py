@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
 from meshling.proxy.deadlines import Deadlines
@@ -227,7 +226,7 @@ def runtime_index(snapshot: Snapshot, key: tuple[str, int]) -> int:
 
 async def serve(config_path: str) -> int:
     try:
-        proxy = Proxy(load(config_path), str(Path(config_path)))
+        proxy = Proxy(load(config_path), config_path)
         await proxy.start()
     except SnapshotError as exc:
         log.error("%s", exc)
