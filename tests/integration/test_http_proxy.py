@@ -345,3 +345,89 @@ def test_http_proxy_access_log_writes_json_lines(start_proxy, nginx: Nginx, tmp_
     time.sleep(1.2)
     assert http_get(proxy.url + "/hello")[0] == 200
     wait_for(lambda: log.exists() and "/hello" in log.read_text(), 5, "reopened access log")
+
+
+def _blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: further SYNs are dropped, connects hang."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(server.getsockname())
+        fillers.append(s)
+    time.sleep(0.1)
+    return server, fillers
+
+
+def test_http_proxy_connect_timeout_is_502(start_proxy) -> None:
+    server, fillers = _blackhole()
+    try:
+        doc = http_snapshot(free_port(), free_port(), [])
+        doc["clusters"] = [
+            {
+                "name": "up",
+                "connect_timeout": "300ms",
+                "endpoints": [{"address": "127.0.0.1", "port": server.getsockname()[1]}],
+            }
+        ]
+        proxy = start_proxy(doc)
+        started = time.monotonic()
+        out = curl("-i", proxy.url + "/").stdout
+        assert out.startswith(b"HTTP/1.1 502"), out
+        assert b"x-meshling-error: upstream_connect_failure" in out
+        assert 0.25 < time.monotonic() - started < 2
+        assert (
+            'meshling_upstream_connect_failures_total{cluster="up",reason="timeout"} 1.0'
+            in proxy.metrics()
+        )
+    finally:
+        server.close()
+        for s in fillers:
+            s.close()
+
+
+def test_http_proxy_chunked_response_trailers_pass_through(start_proxy) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
+                b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
+            )
+            time.sleep(0.5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        proxy = start_proxy(http_snapshot(free_port(), free_port(), [port]))
+        out = raw_request(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+        )
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\n\r\n"
+    finally:
+        server.close()
+
+
+def test_http_proxy_request_trailers_and_chunks_reach_upstream(
+    start_proxy, recording_upstream: RecordingUpstream
+) -> None:
+    proxy = start_proxy(http_snapshot(free_port(), free_port(), [recording_upstream.port]))
+    out = raw_request(
+        proxy.port,
+        b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nx-sum: 9\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 200")
+    received = bytes(recording_upstream.received)
+    assert b"transfer-encoding: chunked\r\n" in received
+    assert received.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 9\r\n\r\n")

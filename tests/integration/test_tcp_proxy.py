@@ -160,3 +160,32 @@ def test_tcp_proxy_idle_timeout_closes_both_sides(start_proxy) -> None:
             assert 0.8 < time.monotonic() - started < 4
     finally:
         echo.close()
+
+
+def test_tcp_proxy_connect_timeout_closes_client(start_proxy) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue: later SYNs are dropped and connects hang
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(server.getsockname())
+        fillers.append(s)
+    try:
+        proxy = start_proxy(tcp_snapshot(free_port(), free_port(), server.getsockname()[1]))
+        started = time.monotonic()
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert s.recv(10) == b""
+        assert 0.4 < time.monotonic() - started < 3  # connect_timeout is 500ms
+        assert (
+            'meshling_upstream_connect_failures_total{cluster="up",reason="timeout"} 1.0'
+            in proxy.metrics()
+        )
+    finally:
+        server.close()
+        for s in fillers:
+            s.close()
