@@ -799,38 +799,24 @@ class Exchange:
         )
         log = chain.access_log
         if log is not None:
-            head = self.head
+            # In meshling.telemetry.accesslog's record order.
             log.log(
-                {
-                    "start_time": time.time() - duration,
-                    "duration_ms": round(duration * 1000, 3),
-                    "listener": chain.listener,
-                    "route": route_name,
-                    "cluster": cluster_name,
-                    "upstream": str(self.endpoint) if self.endpoint is not None else None,
-                    "downstream": self.downstream.peer.decode(),
-                    "method": head.method.decode() if head else None,
-                    "path": head.target.decode("latin-1") if head else None,
-                    "authority": head.host.decode("latin-1") if head else None,
-                    "protocol": f"HTTP/{head.version.decode()}" if head else None,
-                    "status": self.status,
-                    "bytes_received": self.body_in,
-                    "bytes_sent": self.body_out,
-                    "error": self.error,
-                    "request_id": self.request_id.decode("latin-1")
-                    or _header(head, b"x-request-id"),
-                    "user_agent": _header(head, b"user-agent"),
-                }
+                (
+                    time.time() - duration,
+                    duration,
+                    chain.listener,
+                    route_name,
+                    cluster_name,
+                    self.endpoint,
+                    self.downstream.peer,
+                    self.head,
+                    self.status,
+                    self.body_in,
+                    self.body_out,
+                    self.error,
+                    self.request_id,
+                )
             )
-
-
-def _header(head: RequestHead | None, name: bytes) -> str | None:
-    if head is None:
-        return None
-    for n, v in head.headers:
-        if n == name:
-            return v.decode("latin-1")
-    return None
 
 
 class HttpUpstream(asyncio.Protocol):
