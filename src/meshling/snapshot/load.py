@@ -238,7 +238,7 @@ def _cluster(node: _Node) -> Cluster:
         endpoints=endpoints,
         connect_timeout=node.get("connect_timeout", _duration, 1.0),
         lb_policy=node.get("lb_policy", _choice("round_robin"), "round_robin"),  # type: ignore[arg-type]
-        max_idle_per_endpoint=node.get("max_idle_per_endpoint", _int(0, 10000), 64),
+        max_idle_per_endpoint=node.get("max_idle_per_endpoint", _int(0, 100000), 1024),
         idle_timeout=node.get("idle_timeout", _duration, 60.0),
     )
 

@@ -43,8 +43,9 @@ class Cluster:
     # seconds to establish a TCP connection before the attempt fails (502)
     connect_timeout: float = 1.0
     lb_policy: LbPolicy = "round_robin"
-    # idle keep-alive connections kept per endpoint, and how long each may stay idle
-    max_idle_per_endpoint: int = 64
+    # idle keep-alive connections kept per endpoint, and how long each may stay idle; a cap
+    # below the usual concurrency makes connections churn, so it is generous by default
+    max_idle_per_endpoint: int = 1024
     idle_timeout: float = 60.0
 
 
