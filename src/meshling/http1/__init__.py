@@ -19,6 +19,7 @@ from meshling.http1.codec import (
     encode_last_chunk,
     encode_request_head,
     encode_response_head,
+    reason_phrase,
     strip_hop_by_hop,
 )
 from meshling.http1.path import PathError, normalize_path
@@ -44,5 +45,6 @@ __all__ = [
     "encode_request_head",
     "encode_response_head",
     "normalize_path",
+    "reason_phrase",
     "strip_hop_by_hop",
 ]

@@ -1184,6 +1184,11 @@ def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes
     return _checked(out, len(headers) + 2)
 
 
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status code (b"" for an unknown one)."""
+    return _PHRASES.get(status, b"")
+
+
 def encode_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """Encode an HTTP/1.1 status line and header fields; an empty reason gets the standard one."""
     if not 100 <= status <= 999:

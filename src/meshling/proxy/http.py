@@ -35,6 +35,7 @@ from meshling.http1 import (
     encode_chunk,
     encode_last_chunk,
     encode_response_head,
+    reason_phrase,
     strip_hop_by_hop,
 )
 from meshling.http1.codec import Limits
@@ -596,31 +597,38 @@ class Exchange:
         if self.timer is not None and rh.status == 101:
             self.downstream.chain.deadlines.remove(self, self.timer)
             self.timer = None
-        headers = rh.headers
-        if _names_other_fields(headers):
-            headers = strip_hop_by_hop(headers)
-        else:
-            headers = [field for field in headers if field[0] not in HOP_BY_HOP]
-        bodyless = head.method == b"HEAD" or rh.status in (204, 304) or rh.status < 200
-        if rh.status == 101:
-            headers.append((b"connection", b"upgrade"))
+        # Fields come from the response decoder (lower-case names; llhttp refused CR, LF
+        # and NUL in values), so they are written out as they are, hop-by-hop ones left out.
+        fields = rh.headers
+        if _names_other_fields(fields):
+            fields = strip_hop_by_hop(fields)
+        status = rh.status
+        out = [b"HTTP/1.1 %d %b\r\n" % (status, rh.reason or reason_phrase(status))]
+        for name, value in fields:
+            if name not in HOP_BY_HOP:
+                out.append(b"%b: %b\r\n" % (name, value))
+        if status == 101:
+            out.append(b"connection: upgrade\r\n")
             if head.upgrade is not None:
-                headers.append((b"upgrade", head.upgrade))
-        elif not bodyless and rh.content_length is None:
+                out.append(b"upgrade: %b\r\n" % head.upgrade)
+            out.append(b"\r\n")
+            return b"".join(out)
+        bodyless = head.method == b"HEAD" or status in (204, 304) or status < 200
+        if not bodyless and rh.content_length is None:
             if head.version == b"1.1":
                 # Re-frame chunked or close-delimited bodies as chunked for a 1.1 client.
                 self.chunked_out = True
-                headers.append((b"transfer-encoding", b"chunked"))
+                out.append(b"transfer-encoding: chunked\r\n")
             else:
                 self.keep_alive = False
-        if rh.status != 101:
-            if self.downstream.draining or self.downstream.chain.retired:
-                self.keep_alive = False
-            if not self.keep_alive:
-                headers.append((b"connection", b"close"))
-            elif head.version == b"1.0":
-                headers.append((b"connection", b"keep-alive"))
-        return encode_response_head(rh.status, rh.reason, headers)
+        if self.downstream.draining or self.downstream.chain.retired:
+            self.keep_alive = False
+        if not self.keep_alive:
+            out.append(b"connection: close\r\n")
+        elif head.version == b"1.0":
+            out.append(b"connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
 
     def _switch_protocols(self) -> None:
         downstream = self.downstream
