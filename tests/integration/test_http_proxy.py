@@ -431,3 +431,35 @@ def test_http_proxy_request_trailers_and_chunks_reach_upstream(
     received = bytes(recording_upstream.received)
     assert b"transfer-encoding: chunked\r\n" in received
     assert received.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 9\r\n\r\n")
+
+
+def test_http_proxy_h2c_upgrade_is_served_as_http1(
+    start_proxy, recording_upstream: RecordingUpstream
+) -> None:
+    proxy = start_proxy(http_snapshot(free_port(), free_port(), [recording_upstream.port]))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        )
+        first = s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        # the connection still carries HTTP/1.1 requests
+        s.sendall(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"HTTP/1.1 200" in s.recv(4096) + s.recv(4096)
+    received = bytes(recording_upstream.received).lower()
+    assert b"upgrade" not in received and b"http2-settings" not in received
+
+
+def test_http_proxy_refused_upgrade_is_relayed_then_closed(
+    start_proxy, recording_upstream: RecordingUpstream
+) -> None:
+    recording_upstream.response = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 4\r\n\r\nnope"
+    proxy = start_proxy(http_snapshot(free_port(), free_port(), [recording_upstream.port]))
+    out = raw_request(
+        proxy.port,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 403"), out
+    assert b"connection: close" in out.lower()
+    assert out.endswith(b"nope")

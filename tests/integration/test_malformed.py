@@ -153,3 +153,33 @@ def test_malformed_huge_header_stream_is_cut_at_the_limit(
     assert sent < 8 * 1024 * 1024
     assert time.monotonic() - started < 5
     assert out == b"" or out.startswith(b"HTTP/1.1 431")
+
+
+@pytest.mark.parametrize(
+    ("policy", "expect_status", "forwarded"),
+    [
+        ("keep", 200, b"GET /a%2Fb/c HTTP/1.1"),
+        ("unescape", 200, b"GET /a/b/c HTTP/1.1"),
+        ("reject", 400, None),
+    ],
+)
+def test_malformed_escaped_slash_policy(
+    start_proxy,
+    recording_upstream: RecordingUpstream,
+    policy: str,
+    expect_status: int,
+    forwarded: bytes | None,
+) -> None:
+    doc = http_snapshot(
+        free_port(), free_port(), [recording_upstream.port], http={"escaped_slashes": policy}
+    )
+    proxy = start_proxy(doc)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET /a%2fb//./c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = read_all(s)
+    assert out.startswith(f"HTTP/1.1 {expect_status} ".encode()), out
+    received = bytes(recording_upstream.received)
+    if forwarded is None:
+        assert received == b""
+    else:
+        assert received.startswith(forwarded + b"\r\n"), received[:80]
