@@ -15,6 +15,7 @@ import pytest
 from .conftest import (
     Nginx,
     RecordingUpstream,
+    blackhole,
     free_port,
     http_get,
     http_snapshot,
@@ -347,23 +348,8 @@ def test_http_proxy_access_log_writes_json_lines(start_proxy, nginx: Nginx, tmp_
     wait_for(lambda: log.exists() and "/hello" in log.read_text(), 5, "reopened access log")
 
 
-def _blackhole() -> tuple[socket.socket, list[socket.socket]]:
-    """A listener whose accept queue is full: further SYNs are dropped, connects hang."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    fillers = []
-    for _ in range(3):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(server.getsockname())
-        fillers.append(s)
-    time.sleep(0.1)
-    return server, fillers
-
-
 def test_http_proxy_connect_timeout_is_502(start_proxy) -> None:
-    server, fillers = _blackhole()
+    server, fillers = blackhole()
     try:
         doc = http_snapshot(free_port(), free_port(), [])
         doc["clusters"] = [

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import free_port, wait_for
+from .conftest import blackhole, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -163,15 +163,7 @@ def test_tcp_proxy_idle_timeout_closes_both_sides(start_proxy) -> None:
 
 
 def test_tcp_proxy_connect_timeout_closes_client(start_proxy) -> None:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    fillers = []
-    for _ in range(3):  # fill the accept queue: later SYNs are dropped and connects hang
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(server.getsockname())
-        fillers.append(s)
+    server, fillers = blackhole()
     try:
         proxy = start_proxy(tcp_snapshot(free_port(), free_port(), server.getsockname()[1]))
         started = time.monotonic()

@@ -41,6 +41,7 @@ from meshling.http1 import (
 from meshling.http1.codec import Limits
 from meshling.http1.path import PathError, normalize_path
 from meshling.proxy.cluster import ConnectError
+from meshling.proxy.side import Side
 
 if TYPE_CHECKING:
     from meshling.proxy.cluster import ClusterRuntime
@@ -81,7 +82,7 @@ def _request_id() -> bytes:
     return f"{_ID_PREFIX}-{next(_REQUEST_IDS):016x}".encode()
 
 
-class HttpDownstream(asyncio.Protocol):
+class HttpDownstream(Side):
     """One client connection: decode requests, run one exchange at a time."""
 
     def __init__(self, chain: ChainRuntime, connections: ConnectionSet) -> None:
@@ -320,14 +321,6 @@ class HttpDownstream(asyncio.Protocol):
 
     def is_idle(self) -> bool:
         return self.exchange is None
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class Exchange:
@@ -827,7 +820,7 @@ class Exchange:
             )
 
 
-class HttpUpstream(asyncio.Protocol):
+class HttpUpstream(Side):
     """One connection to an endpoint, used by one exchange at a time, then pooled."""
 
     def __init__(self, cluster: ClusterRuntime, endpoint: Endpoint) -> None:
@@ -893,19 +886,3 @@ class HttpUpstream(asyncio.Protocol):
         if ex is not None:
             ex.downstream.paused_by_upstream = False
             ex.downstream._update_reading()
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from meshling.proxy.cluster import ConnectError
+from meshling.proxy.side import Side
 
 if TYPE_CHECKING:
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 PENDING_LIMIT = 256 * 1024
 
 
-class TcpDownstream(asyncio.Protocol):
+class TcpDownstream(Side):
     """The accepted connection; opens the upstream and forwards to it."""
 
     def __init__(self, chain: ChainRuntime, connections: ConnectionSet) -> None:
@@ -161,14 +162,6 @@ class TcpDownstream(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.resume_reading()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
     # -- ending -----------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Called about once a second: close the connection after the idle timeout."""
@@ -196,7 +189,7 @@ class TcpDownstream(asyncio.Protocol):
             self.upstream.abort()
 
 
-class TcpUpstream(asyncio.Protocol):
+class TcpUpstream(Side):
     """The connection to the chosen endpoint."""
 
     def __init__(self, downstream: TcpDownstream) -> None:
@@ -248,19 +241,3 @@ class TcpUpstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.downstream.resume_reading()
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
