@@ -49,6 +49,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args.rest)
 
 
+def _ca(args: argparse.Namespace) -> int:
+    from meshling.identity.cli import run
+
+    return run(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshling", description="A lightweight service mesh.")
     parser.add_argument("--version", action="version", version=f"meshling {__version__}")
@@ -87,14 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a sample mesh with live traffic; `meshling demo --help` for options.",
     )
     demo.set_defaults(func=_demo)
+
+    ca = commands.add_parser(
+        "ca",
+        help="the mesh's certificate authority: init, issue, show",
+        add_help=False,
+        description="Manage a file-based mesh CA; `meshling ca --help` for commands.",
+    )
+    ca.set_defaults(func=_ca)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # The demo parses its own options; everything else must be known here.
+    # The demo and the CA commands parse their own options; the rest must be known here.
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "demo":
+    if rest and args.command not in ("demo", "ca"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     _setup_logging(args.log_level)
