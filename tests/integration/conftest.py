@@ -273,7 +273,7 @@ http {{
         location = /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
         location = /echo-headers {{
             default_type text/plain;
-            return 200 "xff=$http_x_forwarded_for xfp=$http_x_forwarded_proto rid=$http_x_request_id host=$host uri=$request_uri te=$http_transfer_encoding conn=$http_connection\\n";
+            return 200 "xff=$http_x_forwarded_for xfp=$http_x_forwarded_proto rid=$http_x_request_id host=$host uri=$request_uri te=$http_transfer_encoding id=$http_x_meshling_peer_identity conn=$http_connection\\n";
         }}
         location /upload {{
             proxy_pass http://127.0.0.1:{port}/swallow;

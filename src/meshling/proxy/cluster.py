@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from meshling.snapshot.model import Cluster, Endpoint
 from meshling.telemetry.metrics import ClusterStats
+
+if TYPE_CHECKING:
+    from meshling.proxy.tls import ClientTls
 
 
 class Pooled(Protocol):
@@ -110,10 +114,17 @@ class PoolSet:
 class ClusterRuntime:
     """One cluster of the running snapshot: its balancer, pools and counters."""
 
-    __slots__ = ("balancer", "config", "loop", "pools", "stats")
+    __slots__ = ("balancer", "config", "loop", "pools", "stats", "tls")
 
-    def __init__(self, config: Cluster, pools: PoolSet, stats: ClusterStats) -> None:
+    def __init__(
+        self,
+        config: Cluster,
+        pools: PoolSet,
+        stats: ClusterStats,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.config = config
+        self.tls = tls
         self.balancer = RoundRobin(config.endpoints)
         self.pools = pools
         self.stats = stats
@@ -142,9 +153,15 @@ class ClusterRuntime:
         self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol]
     ) -> asyncio.Protocol:
         """Open a TCP connection, counting failures by reason; raises ConnectError."""
+        tls = self.tls
         try:
-            _, protocol = await asyncio.wait_for(
-                self.loop.create_connection(factory, endpoint.address, endpoint.port),
+            transport, protocol = await asyncio.wait_for(
+                self.loop.create_connection(
+                    factory,
+                    endpoint.address,
+                    endpoint.port,
+                    ssl=tls.context if tls is not None else None,
+                ),
                 self.config.connect_timeout or None,
             )
         except TimeoutError:
@@ -153,9 +170,26 @@ class ClusterRuntime:
         except ConnectionRefusedError:
             self._fail("refused")
             raise ConnectError("refused", endpoint) from None
+        except ssl.SSLError as exc:
+            from meshling.proxy.tls import handshake_failure_reason
+
+            assert tls is not None
+            tls.stats.fail(handshake_failure_reason(exc))
+            self._fail("tls")
+            raise ConnectError(f"TLS handshake: {exc.reason}", endpoint) from None
         except OSError as exc:
             self._fail("error")
             raise ConnectError(exc.strerror or "error", endpoint) from None
+        if tls is not None:
+            from meshling.identity import SvidError
+
+            # OpenSSL checked the chain; the SPIFFE rules and the expected identity are ours.
+            try:
+                tls.authenticate(transport.get_extra_info("ssl_object"))
+            except SvidError as exc:
+                transport.abort()
+                self._fail("tls")
+                raise ConnectError(f"peer identity: {exc}", endpoint) from None
         return protocol
 
     def _fail(self, reason: str) -> None:

@@ -104,6 +104,8 @@ class HttpDownstream(Side):
             upgrades=UPGRADES,
         )
         self.peer = b""
+        # the client's verified SPIFFE ID, when it came over mTLS
+        self.peer_identity: bytes | None = None
         self.closed = False
         self.draining = False
         # the current request asked to switch protocols / the upstream agreed
@@ -123,6 +125,12 @@ class HttpDownstream(Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        if self.chain.tls is not None:
+            allowed, self.peer_identity = self.chain.tls.peer(transport)
+            if not allowed:
+                self.closed = True
+                self.transport.abort()
+                return
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         self.stats.cx_total += 1
@@ -432,6 +440,10 @@ class Exchange:
             b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n"
             % (xff + b", " + peer if xff else peer, xfp or b"http", request_id)
         )
+        identity = self.downstream.peer_identity
+        if identity is not None:
+            # Client copies were dropped with the other x-meshling-* fields above.
+            out.append(b"x-meshling-peer-identity: %b\r\n" % identity)
         if not head.host:
             # An HTTP/1.0 request may lack Host; the upstream speaks 1.1 and needs one.
             out.append(b"host: %b\r\n" % str(self.endpoint).encode())

@@ -7,14 +7,15 @@ it to the end, so a reload never changes the rules under an open connection.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import TYPE_CHECKING, Protocol
 
 from meshling.proxy.router import Router
 
 if TYPE_CHECKING:
+    from meshling.proxy.acceptor import TlsAcceptor
     from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.deadlines import Deadlines
+    from meshling.proxy.tls import ServerTls
     from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
     from meshling.telemetry.accesslog import AccessLogWriter
     from meshling.telemetry.metrics import ListenerStats, Metrics
@@ -48,6 +49,7 @@ class ChainRuntime:
         "retired",
         "router",
         "tcp",
+        "tls",
         "version",
     )
 
@@ -59,6 +61,7 @@ class ChainRuntime:
         access_log: AccessLogWriter | None,
         version: str,
         deadlines: Deadlines,
+        tls: ServerTls | None = None,
     ) -> None:
         chain = listener.filter_chains[0]
         self.listener = listener.name
@@ -71,6 +74,7 @@ class ChainRuntime:
         self.access_log = access_log
         self.version = version
         self.deadlines = deadlines
+        self.tls = tls
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False
@@ -84,6 +88,12 @@ class ListenerRuntime:
         self.chain = chain
         self.connections = connections
         self.server: asyncio.Server | None = None
+        self.acceptor: TlsAcceptor | None = None
+
+    @property
+    def kind(self) -> tuple[bool, bool]:
+        """What the socket is bound for (HTTP or TCP, TLS or not): fixed for its lifetime."""
+        return self.chain.http is not None, self.chain.tls is not None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,24 +102,24 @@ class ListenerRuntime:
             from meshling.proxy.http import HttpDownstream as downstream
         else:
             from meshling.proxy.tcp import TcpDownstream as downstream  # type: ignore[assignment]
+        connections = self.connections
 
-        def factory() -> asyncio.Protocol:
-            return downstream(self.chain, self.connections)
+        if self.chain.tls is not None:
+            from meshling.proxy.acceptor import TlsAcceptor
 
+            self.acceptor = TlsAcceptor(self, lambda chain: downstream(chain, connections))
+            self.acceptor.start()
+            return
         self.server = await loop.create_server(
-            factory,
+            lambda: downstream(self.chain, connections),
             self.config.address,
             self.config.port,
             backlog=1024,
             reuse_address=True,
-            reuse_port=bool(os.environ.get("MESHLING_REUSE_PORT")),
         )
-
-    @property
-    def bound_port(self) -> int:
-        assert self.server is not None and self.server.sockets
-        return int(self.server.sockets[0].getsockname()[1])
 
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()

@@ -71,19 +71,52 @@ class Proxy:
     def _chains(
         self, snapshot: Snapshot, access_log: AccessLogWriter | None
     ) -> dict[tuple[str, int], tuple[Listener, ChainRuntime]]:
-        clusters = {
-            name: ClusterRuntime(cluster, self.pools, self.metrics.cluster_stats(name))
-            for name, cluster in snapshot.clusters.items()
-        }
-        return {
-            (li.address, li.port): (
+        """Compile every listener's chain; TLS files are read and checked here."""
+        source = self.config_path or "<snapshot>"
+        names = list(snapshot.clusters)
+        clusters = {}
+        for name, cluster in snapshot.clusters.items():
+            client_tls = None
+            if cluster.tls is not None:
+                from meshling.proxy.tls import ClientTls, TlsConfigError
+
+                field = f"clusters[{names.index(name)}].tls"
+                try:
+                    client_tls = ClientTls(
+                        cluster.tls, field, self.metrics.tls_stats("upstream", name)
+                    )
+                except TlsConfigError as exc:
+                    raise SnapshotError(source, exc.field, exc.reason) from None
+            clusters[name] = ClusterRuntime(
+                cluster, self.pools, self.metrics.cluster_stats(name), client_tls
+            )
+        chains = {}
+        for i, li in enumerate(snapshot.listeners):
+            server_tls = None
+            chain_tls = li.filter_chains[0].tls
+            if chain_tls is not None:
+                from meshling.proxy.tls import ServerTls, TlsConfigError
+
+                field = f"listeners[{i}].filter_chains[0].tls"
+                try:
+                    server_tls = ServerTls(
+                        chain_tls, field, self.metrics.tls_stats("downstream", li.name)
+                    )
+                except TlsConfigError as exc:
+                    raise SnapshotError(source, exc.field, exc.reason) from None
+            chains[(li.address, li.port)] = (
                 li,
                 ChainRuntime(
-                    li, clusters, self.metrics, access_log, snapshot.version, self.deadlines
+                    li,
+                    clusters,
+                    self.metrics,
+                    access_log,
+                    snapshot.version,
+                    self.deadlines,
+                    server_tls,
                 ),
             )
-            for li in snapshot.listeners
-        }
+        return chains
 
     async def _apply(self, snapshot: Snapshot) -> None:
         """Switch to a snapshot, all or nothing."""
@@ -96,8 +129,12 @@ class Proxy:
             access_log = AccessLogWriter(snapshot.access_log, self.metrics)
         chains = self._chains(snapshot, access_log)
         for key, runtime in list(self.listeners.items()):
-            if key in chains and (chains[key][1].http is None) != (runtime.chain.http is None):
-                # Same address, other protocol: the socket is rebound for the new one.
+            new = chains.get(key)
+            if (
+                new is not None
+                and (new[1].http is not None, new[1].tls is not None) != runtime.kind
+            ):
+                # Same address, other protocol or TLS: the socket is rebound for the new one.
                 runtime.stop_accepting()
                 del self.listeners[key]
         started: list[ListenerRuntime] = []

@@ -47,6 +47,10 @@ class TcpDownstream(Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        if self.chain.tls is not None and not self.chain.tls.peer(transport)[0]:
+            self.closed = True
+            self.transport.abort()
+            return
         tcp = self.chain.tcp
         assert tcp is not None
         self.stats = self.chain.metrics.tcp_stats(self.chain.listener, tcp.cluster)

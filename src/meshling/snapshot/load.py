@@ -18,6 +18,7 @@ from meshling.snapshot.model import (
     AccessLog,
     Admin,
     Cluster,
+    DownstreamTls,
     Endpoint,
     FilterChain,
     HeaderMatch,
@@ -30,6 +31,8 @@ from meshling.snapshot.model import (
     RouteMatch,
     Snapshot,
     TcpFilter,
+    TlsFiles,
+    UpstreamTls,
     VirtualHost,
 )
 
@@ -221,6 +224,52 @@ def _endpoint(node: _Node) -> Endpoint:
     return Endpoint(address=node.need("address", _address), port=node.need("port", _int(1, 65535)))
 
 
+def _tls_files(node: _Node) -> TlsFiles:
+    # Only the paths are checked here; the proxy reads and checks the files when it
+    # builds its TLS contexts, and names the same field paths if they are bad.
+    return TlsFiles(
+        certificate=node.need("certificate", _str),
+        key=node.need("key", _str),
+        trust_bundle=node.need("trust_bundle", _str),
+    )
+
+
+def _spiffe_id(node: _Node) -> str:
+    value = _str(node)
+    if not value.startswith("spiffe://") or len(value) > 2048:
+        raise node.error(f"expected a SPIFFE ID such as spiffe://mesh/service, got {value!r}")
+    return value
+
+
+def _alpn(node: _Node) -> str:
+    value = _str(node)
+    if len(value) > 255 or not value.isascii():
+        raise node.error(f"invalid ALPN protocol {value!r}")
+    return value
+
+
+def _upstream_tls(node: _Node) -> UpstreamTls:
+    node.mapping(("certificate", "key", "trust_bundle", "identity", "alpn"))
+    alpn = tuple(_alpn(a) for a in node.items("alpn", required=False))
+    return UpstreamTls(
+        files=_tls_files(node),
+        identity=node.get("identity", _spiffe_id, None),
+        alpn=alpn or ("http/1.1",),
+    )
+
+
+def _downstream_tls(node: _Node) -> DownstreamTls:
+    node.mapping(
+        ("mode", "certificate", "key", "trust_bundle", "detect_timeout", "handshake_timeout")
+    )
+    return DownstreamTls(
+        files=_tls_files(node),
+        mode=node.get("mode", _choice("strict", "permissive"), "strict"),  # type: ignore[arg-type]
+        detect_timeout=node.get("detect_timeout", _duration, 5.0),
+        handshake_timeout=node.get("handshake_timeout", _duration, 10.0),
+    )
+
+
 def _cluster(node: _Node) -> Cluster:
     node.mapping(
         (
@@ -230,6 +279,7 @@ def _cluster(node: _Node) -> Cluster:
             "lb_policy",
             "max_idle_per_endpoint",
             "idle_timeout",
+            "tls",
         )
     )
     endpoints = tuple(_endpoint(e) for e in node.items("endpoints", required=False))
@@ -240,6 +290,7 @@ def _cluster(node: _Node) -> Cluster:
         lb_policy=node.get("lb_policy", _choice("round_robin"), "round_robin"),  # type: ignore[arg-type]
         max_idle_per_endpoint=node.get("max_idle_per_endpoint", _int(0, 100000), 1024),
         idle_timeout=node.get("idle_timeout", _duration, 60.0),
+        tls=node.get("tls", _upstream_tls, None),
     )
 
 
@@ -390,13 +441,14 @@ def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
 
 
 def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
-    node.mapping(("name", "http", "tcp"))
+    node.mapping(("name", "http", "tcp", "tls"))
     if node.has("http") == node.has("tcp"):
         raise node.error("give exactly one of http, tcp")
     return FilterChain(
         name=node.get("name", _name, "default"),
         http=node.get("http", lambda n: _http_filter(n, clusters), None),
         tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),
+        tls=node.get("tls", _downstream_tls, None),
     )
 
 

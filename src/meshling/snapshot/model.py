@@ -35,6 +35,41 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A proxy's certificate chain and key, and the roots it trusts (PEM files)."""
+
+    certificate: str
+    key: str
+    trust_bundle: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """Mutual TLS to a cluster's endpoints (other proxies)."""
+
+    files: TlsFiles
+    # the SPIFFE ID every endpoint must present; None accepts any identity of the bundle
+    identity: str | None = None
+    alpn: tuple[str, ...] = ("http/1.1",)
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTls:
+    """Mutual TLS on an inbound filter chain.
+
+    strict: only mTLS; plaintext or a client without a certificate fails the handshake.
+    permissive: mTLS and plaintext on one port, told apart by the first bytes;
+    plaintext callers are unauthenticated.
+    """
+
+    files: TlsFiles
+    mode: Literal["strict", "permissive"] = "strict"
+    # how long a permissive listener waits for a client's first bytes
+    detect_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     """A named group of interchangeable endpoints and how to connect to them."""
 
@@ -47,6 +82,7 @@ class Cluster:
     # below the usual concurrency makes connections churn, so it is generous by default
     max_idle_per_endpoint: int = 1024
     idle_timeout: float = 60.0
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +172,7 @@ class FilterChain:
     name: str
     http: HttpFilter | None = None
     tcp: TcpFilter | None = None
+    tls: DownstreamTls | None = None
 
     @property
     def protocol(self) -> Protocol:

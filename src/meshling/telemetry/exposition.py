@@ -155,6 +155,35 @@ class _Collector(Collector):
             tcp_tx.add_metric([listener, cluster], ts.bytes_sent)
         yield from (tcp_total, tcp_active, tcp_rx, tcp_tx)
 
+        handshakes = CounterMetricFamily(
+            "meshling_tls_handshakes",
+            "TLS handshakes completed with a verified peer identity.",
+            labels=["direction", "name"],
+        )
+        failures = CounterMetricFamily(
+            "meshling_tls_handshake_failures",
+            "TLS handshakes refused, by reason (handshake errors and SVID rules).",
+            labels=["direction", "name", "reason"],
+        )
+        expiry = GaugeMetricFamily(
+            "meshling_tls_certificate_expiry_timestamp_seconds",
+            "When the proxy's own certificate expires (Unix time).",
+            labels=["direction", "name"],
+        )
+        plaintext = CounterMetricFamily(
+            "meshling_tls_plaintext_connections",
+            "Connections a permissive listener served without TLS (unauthenticated).",
+            labels=["direction", "name"],
+        )
+        for (direction, name), tls in list(m.tls.items()):
+            handshakes.add_metric([direction, name], tls.handshakes)
+            if direction == "downstream":
+                plaintext.add_metric([direction, name], tls.plaintext)
+            for reason, n in list(tls.failures.items()):
+                failures.add_metric([direction, name, reason], n)
+            expiry.add_metric([direction, name], tls.certificate_expiry)
+        yield from (handshakes, failures, expiry, plaintext)
+
         reloads = CounterMetricFamily(
             "meshling_config_reloads", "Snapshot reloads, by result.", labels=["result"]
         )

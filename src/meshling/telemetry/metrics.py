@@ -103,6 +103,24 @@ class TcpStats:
         self.bytes_sent = 0  # to downstream
 
 
+class TlsStats:
+    """Handshakes of one TLS listener chain ("downstream") or cluster ("upstream")."""
+
+    __slots__ = ("certificate_expiry", "failures", "handshakes", "plaintext")
+
+    def __init__(self) -> None:
+        self.handshakes = 0
+        # connections a permissive listener served without TLS
+        self.plaintext = 0
+        # by reason: a handshake error, or an SVID rule the peer's certificate broke
+        self.failures: dict[str, int] = {}
+        # the proxy's own certificate's notAfter, as a Unix time
+        self.certificate_expiry = 0.0
+
+    def fail(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
 class Metrics:
     """All of one proxy's counters, and their Prometheus exposition."""
 
@@ -111,6 +129,7 @@ class Metrics:
         self.listeners: dict[str, ListenerStats] = {}
         self.clusters: dict[str, ClusterStats] = {}
         self.tcp: dict[tuple[str, str], TcpStats] = {}
+        self.tls: dict[tuple[str, str], TlsStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
         self.access_log_dropped = 0
@@ -142,6 +161,13 @@ class Metrics:
         stats = self.tcp.get(key)
         if stats is None:
             stats = self.tcp[key] = TcpStats()
+        return stats
+
+    def tls_stats(self, direction: str, name: str) -> TlsStats:
+        key = (direction, name)
+        stats = self.tls.get(key)
+        if stats is None:
+            stats = self.tls[key] = TlsStats()
         return stats
 
     def render(self) -> bytes:

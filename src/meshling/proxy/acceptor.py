@@ -1,0 +1,132 @@
+"""Accepting connections on a TLS listener: sniffing, handshakes, and their failures.
+
+`loop.create_server(ssl=...)` hides failed handshakes and cannot serve TLS and
+plaintext on one port, so TLS listeners accept sockets themselves. In
+permissive mode the first byte decides (a TLS record starts with 0x16, a
+handshake); it is read with MSG_PEEK, so the bytes stay in the socket for the
+protocol that takes it over. Every refused handshake is counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from meshling.proxy.tls import handshake_failure_reason
+
+if TYPE_CHECKING:
+    from meshling.proxy.listener import ChainRuntime, ListenerRuntime
+
+log = logging.getLogger("meshling.proxy")
+
+TLS_HANDSHAKE = 0x16
+# Sockets taken from the kernel per wake-up, so one busy listener cannot starve the loop.
+ACCEPT_BATCH = 64
+
+
+class TlsAcceptor:
+    def __init__(
+        self, runtime: ListenerRuntime, make: Callable[[ChainRuntime], asyncio.Protocol]
+    ) -> None:
+        self.runtime = runtime
+        self.make = make
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        config = self.runtime.config
+        family = socket.AF_INET6 if ":" in config.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.address, config.port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, for one
+                log.warning("accept on %s failed: %s", self.runtime.config.name, exc)
+                return
+            conn.setblocking(False)
+            task = self.loop.create_task(self._serve(conn))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        # The chain current when the connection arrived serves it to the end.
+        chain = self.runtime.chain
+        tls = chain.tls
+        assert tls is not None
+        use_tls = True
+
+        def factory() -> asyncio.Protocol:
+            return self.make(chain)
+
+        try:
+            if tls.config.mode == "permissive":
+                first = await self._peek(conn, tls.config.detect_timeout)
+                if not first:
+                    conn.close()
+                    return
+                use_tls = first[0] == TLS_HANDSHAKE
+            if use_tls:
+                await self.loop.connect_accepted_socket(
+                    factory,
+                    conn,
+                    ssl=tls.context,
+                    ssl_handshake_timeout=tls.config.handshake_timeout,
+                )
+            else:
+                await self.loop.connect_accepted_socket(factory, conn)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, TimeoutError) as exc:
+            tls.stats.fail(handshake_failure_reason(exc))
+            log.debug("handshake on %s refused: %s", self.runtime.config.name, exc)
+            conn.close()
+
+    async def _peek(self, conn: socket.socket, timeout: float) -> bytes:
+        """The first byte the client sent, left in the socket; b"" if none in time."""
+        ready = self.loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        fd = conn.fileno()
+        self.loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return b""
+        finally:
+            self.loop.remove_reader(fd)
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        """Stop accepting; connections not yet handed over are dropped."""
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        for task in list(self.pending):
+            task.cancel()
