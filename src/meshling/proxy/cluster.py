@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from meshling.snapshot.model import Cluster, Endpoint
+from meshling.snapshot.model import Cluster, Endpoint, UpstreamTls
 from meshling.telemetry.metrics import ClusterStats
 
 if TYPE_CHECKING:
@@ -85,24 +85,30 @@ class EndpointPool:
         self.idle = keep
 
 
+# Connections are pooled per endpoint and per TLS configuration: a reload that turns
+# TLS on, or expects another identity, never reuses a connection made under the old
+# terms. Rotated certificate files keep their paths, so their connections stay pooled.
+PoolKey = tuple[Endpoint, UpstreamTls | None]
+
+
 class PoolSet:
-    """Every endpoint pool of the proxy, with a periodic sweep of stale connections."""
+    """Every connection pool of the proxy, with a periodic sweep of stale connections."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.pools: dict[Endpoint, EndpointPool] = {}
-        self.idle_timeouts: dict[Endpoint, float] = {}
+        self.pools: dict[PoolKey, EndpointPool] = {}
+        self.idle_timeouts: dict[PoolKey, float] = {}
 
-    def pool(self, endpoint: Endpoint) -> EndpointPool:
-        pool = self.pools.get(endpoint)
+    def pool(self, key: PoolKey) -> EndpointPool:
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[endpoint] = EndpointPool(endpoint)
+            pool = self.pools[key] = EndpointPool(key[0])
         return pool
 
     def sweep(self) -> None:
         now = self.clock()
-        for endpoint, pool in list(self.pools.items()):
-            pool.sweep(now, self.idle_timeouts.get(endpoint, 60.0))
+        for key, pool in list(self.pools.items()):
+            pool.sweep(now, self.idle_timeouts.get(key, 60.0))
 
     def close_all(self) -> None:
         for pool in self.pools.values():
@@ -130,22 +136,24 @@ class ClusterRuntime:
         self.stats = stats
         self.loop = asyncio.get_running_loop()
         for endpoint in config.endpoints:
-            pools.idle_timeouts[endpoint] = config.idle_timeout
+            pools.idle_timeouts[(endpoint, config.tls)] = config.idle_timeout
 
     def pick(self) -> Endpoint | None:
         return self.balancer.pick()
 
     def take_idle(self, endpoint: Endpoint) -> Pooled | None:
-        return self.pools.pool(endpoint).take(self.pools.clock(), self.config.idle_timeout)
+        return self.pools.pool((endpoint, self.config.tls)).take(
+            self.pools.clock(), self.config.idle_timeout
+        )
 
     def release(self, endpoint: Endpoint, conn: Pooled) -> bool:
         """Keep a connection for reuse; False when the pool is full (caller closes it)."""
-        return self.pools.pool(endpoint).put(
+        return self.pools.pool((endpoint, self.config.tls)).put(
             conn, self.pools.clock(), self.config.max_idle_per_endpoint
         )
 
     def forget(self, endpoint: Endpoint, conn: Pooled) -> None:
-        pool = self.pools.pools.get(endpoint)
+        pool = self.pools.pools.get((endpoint, self.config.tls))
         if pool is not None:
             pool.discard(conn)
 

@@ -47,7 +47,9 @@ class Proxy:
         self.draining = False
         self.stopped = asyncio.Event()
         self.started_at = time.monotonic()
-        self._config_mtime = self._mtime()
+        # what the running snapshot was built from, and a change seen but not yet settled
+        self._files = self._stat_files(snapshot)
+        self._changed: dict[str, float] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -173,19 +175,44 @@ class Proxy:
         self.metrics.snapshot_version = snapshot.version
 
     # -- reload ---------------------------------------------------------------------
-    def _mtime(self) -> float:
-        if self.config_path is None:
-            return 0.0
-        try:
-            return os.stat(self.config_path).st_mtime
-        except OSError:
-            return 0.0
+    def _stat_files(self, snapshot: Snapshot) -> dict[str, float]:
+        """Modification times of the config file and every TLS file the snapshot uses."""
+        paths = [self.config_path] if self.config_path else []
+        for li in snapshot.listeners:
+            tls = li.filter_chains[0].tls
+            if tls is not None:
+                paths += [tls.files.certificate, tls.files.key, tls.files.trust_bundle]
+        for cluster in snapshot.clusters.values():
+            if cluster.tls is not None:
+                files = cluster.tls.files
+                paths += [files.certificate, files.key, files.trust_bundle]
+        times = {}
+        for path in paths:
+            try:
+                times[path] = os.stat(path).st_mtime
+            except OSError:
+                times[path] = 0.0
+        return times
+
+    async def _reload_if_changed(self) -> None:
+        # A certificate and its key are two files written one after the other: reload
+        # only once the files have stayed the same for a whole tick, so a rotation is
+        # picked up as one change instead of a mismatched pair.
+        current = self._stat_files(self.snapshot)
+        if current == self._files:
+            self._changed = None
+        elif current == self._changed:
+            self._changed = None
+            await self.reload()
+        else:
+            self._changed = current
 
     async def reload(self) -> bool:
         """Load the config file again; keep the running snapshot if it is invalid."""
         if self.config_path is None or self.draining:
             return False
-        self._config_mtime = self._mtime()
+        # Whatever the outcome, these files have been looked at: no retry until they change.
+        self._files = self._stat_files(self.snapshot)
         try:
             snapshot = load(self.config_path)
             if snapshot.admin != self.snapshot.admin:
@@ -197,6 +224,7 @@ class Proxy:
             self.metrics.reloads["rejected"] += 1
             log.error("reload rejected, still running snapshot %s: %s", self.snapshot.version, exc)
             return False
+        self._files = self._stat_files(snapshot)
         self.metrics.reloads["ok"] += 1
         log.info("reloaded: snapshot %s", snapshot.version)
         return True
@@ -209,8 +237,7 @@ class Proxy:
             for conn in list(self.connections):
                 conn.tick(now)
             self.pools.sweep()
-            if self.config_path is not None and self._mtime() != self._config_mtime:
-                await self.reload()
+            await self._reload_if_changed()
 
     # -- shutdown -------------------------------------------------------------------
     def begin_drain(self) -> None:
