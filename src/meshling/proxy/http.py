@@ -106,6 +106,7 @@ class HttpDownstream(Side):
         self.peer = b""
         # the client's verified SPIFFE ID, when it came over mTLS
         self.peer_identity: bytes | None = None
+        self.permitted = True
         self.closed = False
         self.draining = False
         # the current request asked to switch protocols / the upstream agreed
@@ -131,6 +132,8 @@ class HttpDownstream(Side):
                 self.closed = True
                 self.transport.abort()
                 return
+        # Requests of a caller that TrafficPermission denies are answered 403.
+        self.permitted = self.chain.authorize(self.peer_identity)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         self.stats.cx_total += 1
@@ -235,6 +238,9 @@ class HttpDownstream(Side):
         http = self.http
         ex = Exchange(self, head)
         self.exchange = ex
+        if not self.permitted:
+            ex.local_reply(403, "permission_denied")
+            return
         try:
             path = normalize_path(
                 head.path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes

@@ -7,6 +7,7 @@ it to the end, so a reload never changes the rules under an open connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 from meshling.proxy.router import Router
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
     from meshling.telemetry.accesslog import AccessLogWriter
     from meshling.telemetry.metrics import ListenerStats, Metrics
+
+
+log = logging.getLogger("meshling.proxy")
 
 
 class Connection(Protocol):
@@ -39,6 +43,8 @@ class ChainRuntime:
 
     __slots__ = (
         "access_log",
+        "authz",
+        "authz_stats",
         "clusters",
         "deadlines",
         "draining",
@@ -75,9 +81,34 @@ class ChainRuntime:
         self.version = version
         self.deadlines = deadlines
         self.tls = tls
+        self.authz = chain.authz
+        self.authz_stats = metrics.authz_stats(listener.name) if chain.authz is not None else None
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False
+
+    def authorize(self, identity: bytes | None) -> bool:
+        """May a caller (its verified SPIFFE ID, None for plaintext) use this chain?
+
+        Decided once per connection, since identity is a property of the connection.
+        """
+        if self.authz is None:
+            return True
+        from meshling.policies.traffic_permission.decide import decide
+
+        decision = decide(self.authz, identity.decode() if identity is not None else None)
+        stats = self.authz_stats
+        assert stats is not None
+        counts = stats.allowed if decision.allowed else stats.denied
+        counts[decision.rule or "default"] = counts.get(decision.rule or "default", 0) + 1
+        caller = identity.decode() if identity is not None else "an unauthenticated caller"
+        if decision.shadow_denied:
+            rule = decision.shadow_rule or "default"
+            stats.shadow_denied[rule] = stats.shadow_denied.get(rule, 0) + 1
+            log.info("%s: shadow rule %s would deny %s", self.listener, rule, caller)
+        if not decision.allowed:
+            log.debug("%s: %s denied by %s", self.listener, caller, decision.rule)
+        return decision.allowed
 
 
 class ListenerRuntime:

@@ -47,9 +47,17 @@ class TcpDownstream(Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        if self.chain.tls is not None and not self.chain.tls.peer(transport)[0]:
+        identity = None
+        if self.chain.tls is not None:
+            allowed, identity = self.chain.tls.peer(transport)
+            if not allowed:
+                self.closed = True
+                self.transport.abort()
+                return
+        if not self.chain.authorize(identity):
+            # A denied caller's connection is closed before anything is forwarded.
             self.closed = True
-            self.transport.abort()
+            self.transport.close()
             return
         tcp = self.chain.tcp
         assert tcp is not None

@@ -441,10 +441,17 @@ def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
 
 
 def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
-    node.mapping(("name", "http", "tcp", "tls"))
+    node.mapping(("name", "http", "tcp", "tls", "authz"))
     if node.has("http") == node.has("tcp"):
         raise node.error("give exactly one of http, tcp")
+    authz = None
+    if node.has("authz"):
+        # Imported only when used: it brings the SPIFFE parsing along.
+        from meshling.policies.traffic_permission.snapshot import AuthzConfig
+
+        authz = AuthzConfig.from_dict(node.child("authz"))
     return FilterChain(
+        authz=authz,
         name=node.get("name", _name, "default"),
         http=node.get("http", lambda n: _http_filter(n, clusters), None),
         tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),

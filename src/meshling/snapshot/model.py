@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from meshling.policies.traffic_permission.snapshot import AuthzConfig
 
 PathMatchKind = Literal["exact", "prefix", "regex"]
 HeaderMatchKind = Literal["exact", "prefix", "regex", "present"]
@@ -173,6 +176,8 @@ class FilterChain:
     http: HttpFilter | None = None
     tcp: TcpFilter | None = None
     tls: DownstreamTls | None = None
+    # who may connect (TrafficPermission); None: everyone
+    authz: AuthzConfig | None = None
 
     @property
     def protocol(self) -> Protocol:

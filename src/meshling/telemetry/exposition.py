@@ -184,6 +184,21 @@ class _Collector(Collector):
             expiry.add_metric([direction, name], tls.certificate_expiry)
         yield from (handshakes, failures, expiry, plaintext)
 
+        decisions = CounterMetricFamily(
+            "meshling_authz_decisions",
+            "TrafficPermission decisions per connection, by result and deciding rule.",
+            labels=["listener", "result", "rule"],
+        )
+        for listener, az in list(m.authz.items()):
+            for result, counts in (
+                ("allowed", az.allowed),
+                ("denied", az.denied),
+                ("shadow_denied", az.shadow_denied),
+            ):
+                for rule, n in list(counts.items()):
+                    decisions.add_metric([listener, result, rule], n)
+        yield decisions
+
         reloads = CounterMetricFamily(
             "meshling_config_reloads", "Snapshot reloads, by result.", labels=["result"]
         )

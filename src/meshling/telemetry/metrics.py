@@ -121,6 +121,18 @@ class TlsStats:
         self.failures[reason] = self.failures.get(reason, 0) + 1
 
 
+class AuthzStats:
+    """TrafficPermission decisions of one listener, by the rule that decided."""
+
+    __slots__ = ("allowed", "denied", "shadow_denied")
+
+    def __init__(self) -> None:
+        self.allowed: dict[str, int] = {}
+        self.denied: dict[str, int] = {}
+        # allowed, but a shadow (audit) rule would have denied
+        self.shadow_denied: dict[str, int] = {}
+
+
 class Metrics:
     """All of one proxy's counters, and their Prometheus exposition."""
 
@@ -130,6 +142,7 @@ class Metrics:
         self.clusters: dict[str, ClusterStats] = {}
         self.tcp: dict[tuple[str, str], TcpStats] = {}
         self.tls: dict[tuple[str, str], TlsStats] = {}
+        self.authz: dict[str, AuthzStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
         self.access_log_dropped = 0
@@ -168,6 +181,12 @@ class Metrics:
         stats = self.tls.get(key)
         if stats is None:
             stats = self.tls[key] = TlsStats()
+        return stats
+
+    def authz_stats(self, listener: str) -> AuthzStats:
+        stats = self.authz.get(listener)
+        if stats is None:
+            stats = self.authz[listener] = AuthzStats()
         return stats
 
     def render(self) -> bytes:
