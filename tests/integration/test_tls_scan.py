@@ -160,15 +160,6 @@ def test_tls_scan_strict_inbound_accepts_only_modern_tls(
     assert not completed(result, "openssl_ccs_injection")["is_vulnerable_to_ccs_injection"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "a refused handshake sends no TLS alert: asyncio's SSL transport closes the socket "
-        "without flushing the certificate_required alert OpenSSL wrote, so sslyze sees "
-        "'peer closed the connection' instead of a required client certificate"
-    ),
-)
 def test_tls_scan_reports_client_certificate_required(
     strict_inbound: Strict, tmp_path: Path
 ) -> None:

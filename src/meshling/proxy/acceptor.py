@@ -10,8 +10,10 @@ protocol that takes it over. Every refused handshake is counted by reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,21 @@ log = logging.getLogger("meshling.proxy")
 TLS_HANDSHAKE = 0x16
 # Sockets taken from the kernel per wake-up, so one busy listener cannot starve the loop.
 ACCEPT_BATCH = 64
+
+
+class AlertingTlsProtocol(SSLProtocol):
+    """asyncio's TLS protocol, but a refused handshake sends its alert before closing.
+
+    The stock protocol (asyncio's and uvloop's alike) closes the socket as soon as the
+    handshake fails, dropping the alert OpenSSL wrote: the client then sees a bare EOF
+    instead of, say, certificate_required, and cannot tell why it was refused.
+    """
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]
+        super()._on_handshake_complete(handshake_exc)
 
 
 class TlsAcceptor:
@@ -85,12 +102,17 @@ class TlsAcceptor:
                     return
                 use_tls = first[0] == TLS_HANDSHAKE
             if use_tls:
-                await self.loop.connect_accepted_socket(
-                    factory,
-                    conn,
-                    ssl=tls.context,
-                    ssl_handshake_timeout=tls.config.handshake_timeout,
+                handshake = self.loop.create_future()
+                tls_protocol = AlertingTlsProtocol(
+                    self.loop,
+                    factory(),
+                    tls.context,
+                    handshake,
+                    server_side=True,
+                    ssl_handshake_timeout=tls.config.handshake_timeout,  # type: ignore[arg-type]
                 )
+                await self.loop.connect_accepted_socket(lambda: tls_protocol, conn)
+                await handshake
             else:
                 await self.loop.connect_accepted_socket(factory, conn)
         except asyncio.CancelledError:
