@@ -8,9 +8,16 @@ resident memory idle and under load, and (for meshling) the time from spawn to r
 It prints one table, the meshling/HAProxy ratios against their targets, and writes
 everything to bench/results/latest.json.
 
-    .venv/bin/python bench/run.py            # 10 s per scenario, about two minutes in all
+Then the mesh hop: two meshling proxies in a row joined by mutual TLS, against two
+HAProxies joined the same way, both pairs on the proxy CPU. Besides wrk's figures it
+counts the TLS handshakes between the two proxies, and runs bench/paced.py at a fixed
+1000 requests/s through each hop and straight to the upstream, for the p99 latency a hop
+adds at a modest load. A second table and its own targets follow the first.
+
+    .venv/bin/python bench/run.py            # 10 s per scenario, about three minutes in all
     .venv/bin/python bench/run.py --quick    # 3 s per scenario
     .venv/bin/python bench/run.py --only haproxy-http meshling-http
+    .venv/bin/python bench/run.py --only meshling-mtls-hop haproxy-mtls-hop
 
 Every peer is started here, from a config written to a temporary directory, and stopped
 by PID at the end, also on errors and Ctrl-C. Everything listens on 127.0.0.1 only.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -58,6 +66,16 @@ TARGETS = [
     ("idle rss", "meshling idle RSS, worst of its scenarios", 25.0, " MB", False),
     ("start to ready", "meshling spawn -> /ready 200, worst of its scenarios", 0.5, " s", False),
 ]
+# The mesh hop: two meshling proxies over mTLS against two HAProxies over mTLS.
+HOP_TARGETS = [
+    ("hop rps", "meshling-mtls-hop rps / haproxy-mtls-hop rps", 0.6, "x", True),
+    ("hop cpu/req", "meshling-mtls-hop cpu / haproxy-mtls-hop cpu, both proxies", 2.0, "x", False),
+    ("hop added p99", "meshling-mtls-hop paced p99 - direct paced p99", 0.3, " ms", False),
+]
+PACED = ROOT / "bench" / "paced.py"
+PACED_RATE = 1000.0  # requests/s of the latency run
+PACED_CONNECTIONS = 4
+MESH = "bench"  # the trust domain of the hop's certificates
 
 
 # -- results ---------------------------------------------------------------------------
@@ -89,6 +107,29 @@ class Result:
     rss_loaded_mb: float | None = None
     start_to_ready_s: float | None = None
     exit_code: int | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HopResult:
+    """One mesh hop: two proxies in a row, the second behind mutual TLS."""
+
+    scenario: str
+    description: str
+    load: Load | None = None
+    # the two proxies' CPU together (they share one CPU), per request and as % of that CPU
+    cpu_us_per_request: float | None = None
+    cpu_percent: float | None = None
+    # TLS handshakes the second proxy completed during the measured wrk run
+    handshakes: int | None = None
+    handshakes_per_s: float | None = None
+    # ... and from its start to the end of the paced run (warm-up and all)
+    handshakes_total: int | None = None
+    # the latency run at a fixed rate (bench/paced.py), and its p99 less the direct one's
+    paced: dict[str, Any] | None = None
+    added_p99_ms: float | None = None
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -366,6 +407,154 @@ def meshling_conf(
     return conf
 
 
+@dataclass
+class Certificates:
+    """A fresh mesh CA and two leaves, `web` (the caller) and `api` (the callee), as PEM files.
+
+    Each leaf is also written as one PEM with its key, for HAProxy's `crt`."""
+
+    ca: Path
+    web_cert: Path
+    web_key: Path
+    web_pem: Path
+    api_cert: Path
+    api_key: Path
+    api_pem: Path
+
+    def meshling_files(self, service: str) -> dict[str, str]:
+        cert, key = (
+            (self.web_cert, self.web_key) if service == "web" else (self.api_cert, self.api_key)
+        )
+        return {"certificate": str(cert), "key": str(key), "trust_bundle": str(self.ca)}
+
+
+def issue_certificates(directory: Path) -> Certificates:
+    from meshling.identity import CertificateAuthority, SpiffeId, make_key_and_csr
+
+    directory.mkdir(mode=0o700)
+    ca = CertificateAuthority.create(MESH)
+    (directory / "ca.crt").write_bytes(ca.root_pem)
+    paths: dict[str, Path] = {}
+    for service in ("web", "api"):
+        key, csr = make_key_and_csr(SpiffeId.for_service(MESH, service))
+        cert = ca.issue(csr, service)
+        for suffix, data in (("crt", cert), ("key", key), ("pem", cert + key)):
+            path = directory / f"{service}.{suffix}"
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+            paths[f"{service}_{'cert' if suffix == 'crt' else suffix}"] = path
+    return Certificates(ca=directory / "ca.crt", **paths)
+
+
+def haproxy_hop_conf(workdir: Path, name: str, stats: Path, frontend: str, backend: str) -> Path:
+    """A one-thread HAProxy in mode http with a stats socket; the hop's halves differ only
+    in their `bind` and `server` lines."""
+    conf = workdir / f"{name}.cfg"
+    conf.write_text(f"""\
+global
+    nbthread 1
+    maxconn 4096
+    stats socket {stats} mode 600 level user
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend hop
+    {frontend}
+    default_backend next
+
+backend next
+    http-reuse always
+    {backend}
+""")
+    return conf
+
+
+def haproxy_info(stats: Path) -> dict[str, str]:
+    """`show info` from a HAProxy stats socket, as a dict."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2.0)
+        s.connect(str(stats))
+        s.sendall(b"show info\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    info = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def meshling_hop_conf(
+    workdir: Path,
+    name: str,
+    port: int,
+    admin: int,
+    target: int,
+    listener_tls: dict[str, Any] | None,
+    cluster_tls: dict[str, Any] | None,
+) -> Path:
+    """One half of the meshling hop: an HTTP listener routing everything to one endpoint."""
+    chain: dict[str, Any] = {
+        "name": "http",
+        "http": {
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "bench",
+                        "domains": ["*"],
+                        "routes": [{"name": "all", "cluster": "next"}],
+                    }
+                ]
+            }
+        },
+    }
+    if listener_tls:
+        chain["tls"] = listener_tls
+    cluster: dict[str, Any] = {"name": "next", "endpoints": [{"address": HOST, "port": target}]}
+    if cluster_tls:
+        cluster["tls"] = cluster_tls
+    snapshot: dict[str, Any] = {
+        "version": "1",
+        "node": name,
+        "drain_timeout": "2s",
+        "admin": {"address": HOST, "port": admin, "token": "bench"},
+        "listeners": [{"name": "hop", "address": HOST, "port": port, "filter_chains": [chain]}],
+        "clusters": [cluster],
+    }
+    conf = workdir / f"{name}.yaml"
+    conf.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    return conf
+
+
+def admin_ready(admin: int) -> bool:
+    return http_get(admin, "/ready")[0] == 200
+
+
+def metric_sum(text: str, name: str, *labels: str) -> float:
+    """The sum of a metric's samples whose labels include all of `labels` (k="v")."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(label in line for label in labels):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def nonzero_samples(text: str, *names: str) -> list[str]:
+    """The samples of these metrics that are not 0, as exposition lines."""
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(tuple(n + "{" for n in names)) and float(line.rsplit(" ", 1)[1]) != 0
+    ]
+
+
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -376,6 +565,25 @@ class Scenario:
     # starts the proxy; returns its process (None: no proxy) and the port to load
     start: Callable[[Bench], tuple[subprocess.Popen[bytes] | None, int]]
     # meshling promises exit code 0 after a SIGTERM drain; the peers make no such promise
+    clean_exit: bool = False
+
+
+@dataclass
+class Hop:
+    """A started hop: the port to load, and what to read from its proxies."""
+
+    port: int
+    # TLS handshakes completed by the second proxy so far
+    handshakes: Callable[[], int]
+    # after the runs: anything the proxies counted that should not have happened
+    problems: Callable[[], list[str]] = lambda: []
+
+
+@dataclass
+class HopScenario:
+    name: str
+    description: str
+    start: Callable[[Bench], Hop]
     clean_exit: bool = False
 
 
@@ -399,6 +607,11 @@ class Bench:
         # set by the scenario that starts a proxy, for measure() to report
         self.ready_time: float | None = None
         self.access_log: Path | None = None
+        # the hop scenarios: their certificates, the proxies of the one running, and the
+        # paced run straight to the upstream that their paced runs are compared with
+        self.certs: Certificates | None = None
+        self.hop_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.paced_direct: dict[str, Any] | None = None
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
@@ -501,6 +714,94 @@ class Bench:
             raise RuntimeError(f"wrk exited with code {code}: {text}")
         return parse_wrk(text), peak, ticks
 
+    def paced(self, port: int) -> dict[str, Any]:
+        """bench/paced.py at PACED_RATE for the run's duration; its JSON result."""
+        seconds = self.args.duration
+        argv = [sys.executable, str(PACED), "--port", str(port), "--rate", f"{PACED_RATE:g}"]
+        argv += ["--seconds", f"{seconds:g}", "--connections", str(PACED_CONNECTIONS)]
+        proc = self.processes.start("paced", argv, self.load_cpu)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(seconds + 30)  # it stops itself within seconds + 10; this is a backstop
+        code = self.processes.stop(proc)
+        text = self.processes.output("paced", lines=50)
+        lines = [line for line in text.splitlines() if line.startswith("{")]
+        if code != 0 or not lines:
+            raise RuntimeError(f"the paced client exited with code {code}: {text}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        if not result["requests"]:
+            raise RuntimeError(f"the paced client completed no request: {result}")
+        return result
+
+    def measure_paced_direct(self) -> str | None:
+        """The paced run straight to the upstream; an error message if it failed."""
+        try:
+            self.paced_direct = self.paced(self.upstream_port)
+        except Exception as exc:
+            return str(exc)
+        return None
+
+    def measure_hop(self, scenario: HopScenario) -> HopResult:
+        result = HopResult(scenario.name, scenario.description)
+        self.hop_procs = {}
+        try:
+            hop = scenario.start(self)
+            status, body = http_get(hop.port, timeout=5.0)
+            if status != 200 or body != b"ok\n":
+                raise RuntimeError(f"GET / through the hop gave {status} {body[:80]!r}")
+            pids = [pid for proc in self.hop_procs.values() for pid in descendants(proc.pid)]
+            if self.args.warmup:
+                self.wrk(hop.port, self.args.warmup, pids)
+            before = hop.handshakes()
+            result.load, _, ticks = self.wrk(hop.port, self.args.duration, pids)
+            result.handshakes = hop.handshakes() - before
+            result.handshakes_per_s = result.handshakes / result.load.seconds
+            seconds = ticks / CLK_TCK
+            result.cpu_percent = 100 * seconds / result.load.seconds
+            if result.load.requests:
+                result.cpu_us_per_request = seconds * 1e6 / result.load.requests
+            if result.load.socket_errors or result.load.non_2xx:
+                result.notes.append(
+                    f"{result.load.socket_errors} socket errors, "
+                    f"{result.load.non_2xx} non-2xx responses"
+                )
+            result.paced = paced = self.paced(hop.port)
+            if paced["errors"]:
+                result.notes.append(
+                    f"paced run: {paced['errors']} errors, e.g. {paced['error_examples']}"
+                )
+            if paced["late"]:
+                result.notes.append(
+                    f"paced run: {paced['late']} of {paced['requests']} sends were more than one "
+                    f"interval ({1e3 * PACED_CONNECTIONS / PACED_RATE:g} ms) behind their timetable"
+                )
+            direct = self.paced_direct
+            if direct and direct["p99_ms"] is not None and paced["p99_ms"] is not None:
+                result.added_p99_ms = paced["p99_ms"] - direct["p99_ms"]
+            result.handshakes_total = hop.handshakes()
+            result.notes.extend(hop.problems())
+            for name, proc in self.hop_procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during the run")
+        except Exception as exc:
+            result.error = str(exc)
+        finally:
+            # the caller's proxy first, so that the other one sees its clients leave
+            for name, proc in reversed(self.hop_procs.items()):
+                crashed = proc.poll() is not None
+                code = result.exit_codes[name] = self.processes.stop(proc)
+                if result.error or crashed:
+                    tail = self.processes.output(name)
+                    if tail:
+                        result.notes.append(f"{name} output:\n{tail}")
+                elif scenario.clean_exit and code is None:
+                    result.notes.append(
+                        f"{name} still running {STOP_TIMEOUT:g} s after SIGTERM: killed"
+                    )
+                elif scenario.clean_exit and code != 0:
+                    result.notes.append(f"{name} exit code {code} after SIGTERM, wanted 0")
+            self.hop_procs = {}
+        return result
+
     # the proxies ---------------------------------------------------------------------
 
     def direct(self) -> tuple[subprocess.Popen[bytes] | None, int]:
@@ -536,6 +837,94 @@ class Bench:
         self.ready_time = time.monotonic() - started
         return proc, port
 
+    # the hops: both proxies on the proxy CPU, started callee first ----------------------
+
+    def certificates(self) -> Certificates:
+        if self.certs is None:
+            self.certs = issue_certificates(self.workdir / "pki")
+        return self.certs
+
+    def start_hop_proxy(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = self.processes.start(name, argv, self.proxy_cpu)
+        self.hop_procs[name] = proc
+        return proc
+
+    def meshling_hop(self) -> Hop:
+        certs = self.certificates()
+        in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
+        inbound = meshling_hop_conf(
+            self.workdir,
+            "meshling-hop-in",
+            in_port,
+            in_admin,
+            self.upstream_port,
+            listener_tls={"mode": "strict", **certs.meshling_files("api")},
+            cluster_tls=None,
+        )
+        outbound = meshling_hop_conf(
+            self.workdir,
+            "meshling-hop-out",
+            out_port,
+            out_admin,
+            in_port,
+            listener_tls=None,
+            cluster_tls={**certs.meshling_files("web"), "identity": f"spiffe://{MESH}/api"},
+        )
+        admins = {"meshling-hop-in": in_admin, "meshling-hop-out": out_admin}
+        for name, conf in (("meshling-hop-in", inbound), ("meshling-hop-out", outbound)):
+            proc = self.start_hop_proxy(
+                name, [str(MESHLING), "proxy", "run", "--config", str(conf)]
+            )
+            self.wait_ready(name, proc, functools.partial(admin_ready, admins[name]))
+
+        def metrics(admin: int) -> str:
+            status, body = http_get(admin, "/metrics", timeout=5.0)
+            if status != 200:
+                raise RuntimeError(f"GET /metrics on the admin port gave {status}")
+            return body.decode()
+
+        def handshakes() -> int:
+            text = metrics(in_admin)
+            return int(metric_sum(text, "meshling_tls_handshakes_total", 'direction="downstream"'))
+
+        def problems() -> list[str]:
+            return [
+                f"{name}: {line}"
+                for name, admin in admins.items()
+                for line in nonzero_samples(
+                    metrics(admin),
+                    "meshling_tls_handshake_failures_total",
+                    "meshling_upstream_connect_failures_total",
+                )
+            ]
+
+        return Hop(out_port, handshakes, problems)
+
+    def haproxy_hop(self) -> Hop:
+        certs = self.certificates()
+        in_port, out_port = free_port(), free_port()
+        in_stats = self.workdir / "haproxy-hop-in.sock"
+        inbound = haproxy_hop_conf(
+            self.workdir,
+            "haproxy-hop-in",
+            in_stats,
+            f"bind {HOST}:{in_port} ssl crt {certs.api_pem} ca-file {certs.ca} verify required",
+            f"server upstream {HOST}:{self.upstream_port}",
+        )
+        outbound = haproxy_hop_conf(
+            self.workdir,
+            "haproxy-hop-out",
+            self.workdir / "haproxy-hop-out.sock",
+            f"bind {HOST}:{out_port}",
+            f"server hop-in {HOST}:{in_port} ssl verify required ca-file {certs.ca} "
+            f"crt {certs.web_pem}",
+        )
+        proc = self.start_hop_proxy("haproxy-hop-in", [self.haproxy, "-db", "-f", str(inbound)])
+        self.wait_ready("haproxy-hop-in", proc, lambda: "CumSslConns" in haproxy_info(in_stats))
+        proc = self.start_hop_proxy("haproxy-hop-out", [self.haproxy, "-db", "-f", str(outbound)])
+        self.wait_serving("haproxy-hop-out", proc, out_port)
+        return Hop(out_port, lambda: int(haproxy_info(in_stats)["CumSslConns"]))
+
 
 # In the order they run; the names are the keys of the table and of the JSON results.
 SCENARIOS = [
@@ -564,6 +953,21 @@ SCENARIOS = [
         "meshling tcp filter",
         lambda b: b.meshling("meshling-tcp", "tcp", access_log=False),
         clean_exit=True,
+    ),
+]
+
+
+HOP_SCENARIOS = [
+    HopScenario(
+        "meshling-mtls-hop",
+        "meshling (plain HTTP in) -> mTLS -> meshling (strict) -> upstream",
+        Bench.meshling_hop,
+        clean_exit=True,
+    ),
+    HopScenario(
+        "haproxy-mtls-hop",
+        "HAProxy http -> TLS, verify required both ways, http-reuse always -> HAProxy -> upstream",
+        Bench.haproxy_hop,
     ),
 ]
 
@@ -612,7 +1016,12 @@ def table(results: list[Result]) -> str:
                 _fmt(r.start_to_ready_s, ".3f"),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return format_rows(rows)
+
+
+def format_rows(rows: list[list[str]]) -> str:
+    """Left-aligned first column, the others right-aligned, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
@@ -650,8 +1059,30 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
         worst(lambda r: r.rss_idle_mb),
         worst(lambda r: r.start_to_ready_s),
     ]
+    return target_rows(TARGETS, measured)
+
+
+def hop_targets(hops: list[HopResult]) -> list[dict[str, Any]]:
+    """The hop targets with their measured values (None: not measured)."""
+    by_name = {h.scenario: h for h in hops if h.load and not h.error}
+    mesh, peer = by_name.get("meshling-mtls-hop"), by_name.get("haproxy-mtls-hop")
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return None if x is None or not y else x / y
+
+    measured = [
+        ratio(mesh.load.rps, peer.load.rps) if mesh and peer and mesh.load and peer.load else None,
+        ratio(mesh.cpu_us_per_request, peer.cpu_us_per_request) if mesh and peer else None,
+        mesh.added_p99_ms if mesh else None,
+    ]
+    return target_rows(HOP_TARGETS, measured)
+
+
+def target_rows(
+    specs: list[tuple[str, str, float, str, bool]], measured: list[float | None]
+) -> list[dict[str, Any]]:
     out = []
-    for (name, what, bound, unit, at_least), value in zip(TARGETS, measured, strict=True):
+    for (name, what, bound, unit, at_least), value in zip(specs, measured, strict=True):
         out.append(
             {
                 "target": name,
@@ -663,6 +1094,48 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def hop_table(hops: list[HopResult], direct: dict[str, Any] | None) -> str:
+    header = [
+        "hop",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu us/req",
+        "cpu %",
+        "handshakes/s",
+        f"@{PACED_RATE:g}/s p50",
+        "p99 ms",
+        "added p99",
+    ]
+    rows = [header]
+    if direct:
+        rows.append(
+            ["direct (no proxy)"]
+            + [""] * 6
+            + [_fmt(direct["p50_ms"], ".3f"), _fmt(direct["p99_ms"], ".3f"), ""]
+        )
+    for h in hops:
+        if h.error or h.load is None:
+            rows.append([h.scenario, "failed"] + [""] * (len(header) - 2))
+            continue
+        paced = h.paced or {}
+        rows.append(
+            [
+                h.scenario,
+                _fmt(h.load.rps, ",.0f"),
+                _fmt(h.load.p50_ms, ".2f"),
+                _fmt(h.load.p99_ms, ".2f"),
+                _fmt(h.cpu_us_per_request, ".1f"),
+                _fmt(h.cpu_percent, ".0f"),
+                _fmt(h.handshakes_per_s, ".2f"),
+                _fmt(paced.get("p50_ms"), ".3f"),
+                _fmt(paced.get("p99_ms"), ".3f"),
+                _fmt(h.added_p99_ms, "+.3f"),
+            ]
+        )
+    return format_rows(rows)
 
 
 def targets_table(rows: list[dict[str, Any]]) -> str:
@@ -721,12 +1194,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up")
+    names = [s.name for s in SCENARIOS] + [h.name for h in HOP_SCENARIOS]
     parser.add_argument(
         "--only",
         nargs="+",
         metavar="SCENARIO",
-        choices=[s.name for s in SCENARIOS],
-        help="run only these scenarios: " + ", ".join(s.name for s in SCENARIOS),
+        choices=names,
+        help="run only these scenarios: " + ", ".join(names),
     )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
@@ -755,9 +1229,13 @@ def terminate_as_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
-    if any(s.name.startswith("meshling") for s in chosen) and not MESHLING.exists():
+    chosen_hops = [h for h in HOP_SCENARIOS if not args.only or h.name in args.only]
+    names = [s.name for s in chosen] + [h.name for h in chosen_hops]
+    if any(n.startswith("meshling") for n in names) and not MESHLING.exists():
         raise SystemExit(f"{MESHLING} is missing: run `make install` first")
     results: list[Result] = []
+    hops: list[HopResult] = []
+    paced_error: str | None = None
     with tempfile.TemporaryDirectory(prefix="meshling-bench-") as tmp, terminate_as_interrupt():
         bench = Bench(args, Path(tmp))
         pinning = (
@@ -784,6 +1262,24 @@ def main(argv: list[str] | None = None) -> int:
                     print("failed (see below)", flush=True)
                 else:
                     print(f"{result.load.rps:,.0f} req/s", flush=True)
+            if chosen_hops:
+                print(f"  direct, paced at {PACED_RATE:g} req/s ...", end=" ", flush=True)
+                paced_error = bench.measure_paced_direct()
+                direct = bench.paced_direct
+                print(
+                    "failed (see below)"
+                    if paced_error or not direct
+                    else f"p99 {direct['p99_ms']:.3f} ms",
+                    flush=True,
+                )
+            for hop in chosen_hops:
+                print(f"  {hop.name} ...", end=" ", flush=True)
+                hop_result = bench.measure_hop(hop)
+                hops.append(hop_result)
+                if hop_result.error or not hop_result.load:
+                    print("failed (see below)", flush=True)
+                else:
+                    print(f"{hop_result.load.rps:,.0f} req/s", flush=True)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping every process started", file=sys.stderr)
             return 130
@@ -791,15 +1287,27 @@ def main(argv: list[str] | None = None) -> int:
             bench.processes.stop_all()
         info = versions(bench)
 
-    checked = targets(results)
-    print()
-    print(table(results))
-    print()
-    print("meshling against HAProxy (same run):")
-    print(targets_table(checked))
-    for r in results:
+    load_after = os.getloadavg()[0]
+    checked = targets(results) if results else []
+    if results:
+        print()
+        print(table(results))
+        print()
+        print("meshling against HAProxy (same run):")
+        print(targets_table(checked))
+    hop_checked = hop_targets(hops) if chosen_hops else []
+    if chosen_hops:
+        print()
+        print(hop_table(hops, bench.paced_direct))
+        print()
+        print("meshling mesh hop against the HAProxy pair (same run):")
+        print(targets_table(hop_checked))
+    everything: list[Result | HopResult] = [*results, *hops]
+    for r in everything:
         for note in ([r.error] if r.error else []) + r.notes:
             print(f"\n{r.scenario}: {note}")
+    if paced_error:
+        print(f"\ndirect, paced: {paced_error}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -812,15 +1320,21 @@ def main(argv: list[str] | None = None) -> int:
             "proxy_cpu": bench.proxy_cpu,
             "load_cpu": bench.load_cpu,
             "load_average_before": load_before,
+            "load_average_after": load_after,
+            "paced_rate": PACED_RATE,
+            "paced_connections": PACED_CONNECTIONS,
         },
         "machine": machine(),
         "versions": info,
         "results": [asdict(r) for r in results],
-        "targets": checked,
+        "hops": [asdict(h) for h in hops],
+        "paced_direct": bench.paced_direct,
+        "targets": checked + hop_checked,
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.json}")
-    return 1 if any(r.error for r in results) else 0
+    failed = any(r.error for r in everything) or paced_error is not None
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
