@@ -451,6 +451,26 @@ class _Decoder:
 
     # -- feeding -------------------------------------------------------------------------
 
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[RequestEvent | ResponseEvent]:
+        if self._error is not None:
+            raise self._error
+        if type(data) is not bytes:
+            data = bytes(data)
+        events: list[RequestEvent | ResponseEvent] = []
+        try:
+            self._run(data, events)
+        except ParseError as exc:
+            # A decoder that refused a message stays dead: the same error, every time.
+            self._error = refusal = self._refusal(exc)
+            if refusal is exc:
+                raise
+            raise refusal from None
+        return events
+
+    def _refusal(self, exc: ParseError) -> ParseError:
+        """The error to raise for a refused message (the status to answer with)."""
+        raise NotImplementedError
+
     def _run(self, data: bytes, events: list[RequestEvent | ResponseEvent]) -> None:
         pos = 0
         end = len(data)
@@ -844,17 +864,10 @@ class RequestDecoder(_Decoder):
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[RequestEvent]:
         """Decode ``data``; return the events it completes, in order."""
-        if self._error is not None:
-            raise self._error
-        if type(data) is not bytes:
-            data = bytes(data)
-        events: list[RequestEvent | ResponseEvent] = []
-        try:
-            self._run(data, events)
-        except ParseError as exc:
-            self._error = exc
-            raise
-        return events  # type: ignore[return-value]
+        return self._feed(data)  # type: ignore[return-value]
+
+    def _refusal(self, exc: ParseError) -> ParseError:
+        return exc
 
     def _new_parser(self) -> Any:
         return httptools.HttpRequestParser(self)
@@ -1017,19 +1030,11 @@ class ResponseDecoder(_Decoder):
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ResponseEvent]:
         """Decode ``data``; return the events it completes, in order."""
-        if self._error is not None:
-            raise self._error
-        if type(data) is not bytes:
-            data = bytes(data)
-        events: list[RequestEvent | ResponseEvent] = []
-        try:
-            self._run(data, events)
-        except ParseError as exc:
-            if exc.status != 502:
-                exc = ParseError(exc.reason, 502)
-            self._error = exc
-            raise exc from None
-        return events  # type: ignore[return-value]
+        return self._feed(data)  # type: ignore[return-value]
+
+    def _refusal(self, exc: ParseError) -> ParseError:
+        # Whatever is wrong with an upstream's response, the client is owed a 502.
+        return exc if exc.status == 502 else ParseError(exc.reason, 502)
 
     def feed_eof(self) -> list[ResponseEvent]:
         """The upstream closed its side.
