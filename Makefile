@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install-peers
+	bash scripts/start-services
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
