@@ -1,0 +1,1 @@
+"""The control plane: resources, and the per-proxy snapshots built from them."""

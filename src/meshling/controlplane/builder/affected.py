@@ -1,0 +1,71 @@
+"""`affected`: which dataplanes' snapshots a resource change can alter, so that a change
+recomputes those and no others.
+
+What a snapshot reads, and so what touches it:
+
+* **Mesh**: mTLS on every listener and cluster — every dataplane of the mesh;
+* **Dataplane**: its own listeners, and the endpoints of every cluster of its service —
+  itself and every dataplane of the mesh with an outbound to its service;
+* **TrafficPermission**: the `authz` of the inbounds of its destination service —
+  the dataplanes of that service, or of every service for `*`.
+
+A change can move a resource (a dataplane to another service or address, a permission
+to another destination) or delete it, and then its old place is touched as well as its
+new one. So the caller passes the resources from before *and* after the change: the
+lookups below take every version they find. A name that is in neither — nothing left to
+tell where it was — touches every dataplane, the one answer that is never wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from meshling.controlplane.builder.snapshot import PolicyResource
+from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, Dataplane
+from meshling.policies.traffic_permission import KIND as TRAFFIC_PERMISSION_KIND
+from meshling.policies.traffic_permission import TrafficPermission
+from meshling.policies.traffic_permission.schema import ANY_SERVICE
+
+
+def affected(
+    change_kind: str,
+    change_name: str,
+    dataplanes: Iterable[Dataplane],
+    policies: Iterable[PolicyResource],
+) -> set[str]:
+    """The names of the dataplanes whose snapshots a change of resource
+    (`change_kind`, `change_name`) can alter.
+
+    `change_name` is the mesh's name for a Mesh, the resource's name otherwise.
+    `dataplanes` and `policies` hold every version, before and after the change, of the
+    resources they list (see the module docstring). Raises `ValueError` for a kind the
+    builder does not read.
+    """
+    dataplanes = list(dataplanes)
+    if change_kind == MESH_KIND:
+        return {d.name for d in dataplanes if d.mesh == change_name}
+    if change_kind == DATAPLANE_KIND:
+        versions = [d for d in dataplanes if d.name == change_name]
+        if not versions:
+            return {change_name} | {d.name for d in dataplanes}
+        touched = {change_name}
+        for changed in versions:
+            touched |= {
+                d.name
+                for d in dataplanes
+                if d.mesh == changed.mesh and any(o.service == changed.service for o in d.outbounds)
+            }
+        return touched
+    if change_kind == TRAFFIC_PERMISSION_KIND:
+        permissions = [
+            p for p in policies if isinstance(p, TrafficPermission) and p.name == change_name
+        ]
+        if not permissions:
+            return {d.name for d in dataplanes}
+        return {
+            d.name
+            for p in permissions
+            for d in dataplanes
+            if d.mesh == p.mesh and p.destination.service in (d.service, ANY_SERVICE)
+        }
+    raise ValueError(f"the snapshot builder reads no resources of kind {change_kind!r}")

@@ -1,0 +1,173 @@
+"""`build`: the snapshot one proxy runs, as a pure function of the mesh's resources.
+
+What a dataplane becomes:
+
+* an **inbound** listener per inbound, on every interface (`0.0.0.0`, not the dataplane's
+  address, which may be a NAT or host address that is not on the proxy's interfaces) at
+  the inbound port, forwarding to the local cluster `local:<service_port>`
+  (`127.0.0.1:<service_port>`). With mTLS on, its chain terminates mTLS in the mesh's
+  mode with the proxy's own files, and carries the `authz` fragment of the
+  TrafficPermissions selecting the dataplane's service;
+* an **outbound** listener per outbound, on `127.0.0.1` at the outbound port, forwarding
+  to the cluster named after the destination service, whose endpoints are the inbounds
+  (address, port) of every *other* dataplane of that service in the mesh. With mTLS on,
+  the cluster originates mTLS and requires `spiffe://<mesh>/<service>`;
+* the **admin** listener on `127.0.0.1` at the dataplane's admin port (no token: the
+  drain endpoint stays refused, SIGTERM drains).
+
+With mTLS off there is no `tls` and no `authz` anywhere: a plaintext caller has no
+identity, so a permission could only deny it.
+
+The output is a plain document (what `meshling.snapshot.from_dict` reads, and what the
+config stream sends), fully sorted so equal inputs give equal bytes whatever order the
+store returned them in. `version` is a hash of the rest of the document: a proxy can
+tell an unchanged snapshot from the version alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from meshling.controlplane.resources import Dataplane, Inbound, Mesh, Outbound
+from meshling.identity.spiffe import SpiffeId
+from meshling.policies import traffic_permission
+from meshling.policies.traffic_permission import TrafficPermission
+from meshling.snapshot.model import TlsFiles
+
+# Every policy kind the builder reads; grows with the registry.
+PolicyResource = TrafficPermission
+
+INBOUND_ADDRESS = "0.0.0.0"
+LOOPBACK = "127.0.0.1"
+# the version is a prefix of a SHA-256: 64 bits keep collisions out of reach for the
+# number of snapshots one proxy ever sees, and stay short in logs and metric labels
+_VERSION_HEX_DIGITS = 16
+
+
+class BuildError(ValueError):
+    """Inputs that cannot make a snapshot (a caller's mistake, not a resource's)."""
+
+
+def build(
+    dataplane: Dataplane,
+    mesh: Mesh,
+    dataplanes: Iterable[Dataplane],
+    policies: Iterable[PolicyResource],
+    tls_paths: TlsFiles | None,
+) -> dict[str, Any]:
+    """The snapshot document of `dataplane`.
+
+    `dataplanes` are the dataplanes known to the control plane (any mesh; `dataplane`
+    itself may be among them), `policies` the policy resources (any mesh), `tls_paths`
+    where the proxy keeps its own certificate, key and trust bundle (needed only when
+    the mesh has mTLS on).
+    """
+    if dataplane.mesh != mesh.name:
+        raise BuildError(
+            f"dataplane {dataplane.name!r} belongs to mesh {dataplane.mesh!r}, not {mesh.name!r}"
+        )
+    tls = tls_paths if mesh.mtls.enabled else None
+    if mesh.mtls.enabled and tls is None:
+        raise BuildError(
+            f"mesh {mesh.name!r} has mTLS on: dataplane {dataplane.name!r} needs tls_paths"
+        )
+    peers = [d for d in dataplanes if d.mesh == dataplane.mesh and d.name != dataplane.name]
+    authz = None
+    if tls is not None:
+        permissions = [p for p in policies if isinstance(p, TrafficPermission)]
+        authz = traffic_permission.to_snapshot(permissions, dataplane.service, mesh.name)
+
+    listeners: list[dict[str, Any]] = []
+    clusters: dict[str, dict[str, Any]] = {}
+    for inbound in sorted(dataplane.inbounds, key=lambda i: i.port):
+        cluster = _local_cluster(inbound)
+        clusters[cluster["name"]] = cluster
+        chain = _chain(inbound.protocol, f"inbound:{inbound.port}", "local", cluster["name"])
+        if tls is not None and authz is not None:
+            # fresh dicts per chain: a shared one would come out as a YAML alias
+            security = {"tls": {"mode": mesh.mtls.mode, **_files(tls)}, "authz": authz.to_dict()}
+            chain = {**security, **chain}
+        listeners.append(_listener(f"inbound:{inbound.port}", INBOUND_ADDRESS, inbound, chain))
+    for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
+        cluster = _service_cluster(outbound, mesh, peers, tls)
+        clusters[cluster["name"]] = cluster
+        name = f"outbound:{outbound.service}"
+        chain = _chain(outbound.protocol, name, outbound.service, outbound.service)
+        listeners.append(_listener(name, LOOPBACK, outbound, chain))
+
+    body: dict[str, Any] = {
+        "node": dataplane.name,
+        "admin": {"address": LOOPBACK, "port": dataplane.admin_port},
+        "listeners": listeners,  # inbounds, then outbounds, each by port
+        "clusters": [clusters[name] for name in sorted(clusters)],
+    }
+    return {"version": version_of(body), **body}
+
+
+def version_of(body: dict[str, Any]) -> str:
+    """A stable hash of a snapshot document without its version."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:_VERSION_HEX_DIGITS]
+
+
+def _files(tls: TlsFiles) -> dict[str, str]:
+    return {"certificate": tls.certificate, "key": tls.key, "trust_bundle": tls.trust_bundle}
+
+
+def _listener(
+    name: str, address: str, port_of: Inbound | Outbound, chain: dict[str, Any]
+) -> dict[str, Any]:
+    return {"name": name, "address": address, "port": port_of.port, "filter_chains": [chain]}
+
+
+def _chain(protocol: str, route_config: str, route: str, cluster: str) -> dict[str, Any]:
+    if protocol == "tcp":
+        return {"tcp": {"cluster": cluster}}
+    # one virtual host for any Host and one route for any path: the app addresses its
+    # destination by port, and per-path routing arrives with the HTTPRoute policy
+    virtual_host = {
+        "name": route,
+        "domains": ["*"],
+        "routes": [{"name": route, "cluster": cluster}],
+    }
+    return {"http": {"route_config": {"name": route_config, "virtual_hosts": [virtual_host]}}}
+
+
+def _local_cluster(inbound: Inbound) -> dict[str, Any]:
+    return {
+        "name": f"local:{inbound.service_port}",
+        "endpoints": [{"address": LOOPBACK, "port": inbound.service_port}],
+    }
+
+
+def _service_cluster(
+    outbound: Outbound, mesh: Mesh, peers: list[Dataplane], tls: TlsFiles | None
+) -> dict[str, Any]:
+    # a set: the same instance listed twice (say, re-registered) is one endpoint
+    endpoints = {
+        (peer.address, inbound.port)
+        for peer in peers
+        if peer.service == outbound.service
+        for inbound in peer.inbounds
+    }
+    cluster: dict[str, Any] = {
+        "name": outbound.service,
+        "endpoints": [
+            {"address": address, "port": port}
+            for address, port in sorted(endpoints, key=_endpoint_order)
+        ],
+    }
+    if tls is not None:
+        identity = SpiffeId.for_service(mesh.name, outbound.service)
+        cluster["tls"] = {**_files(tls), "identity": str(identity)}
+    return cluster
+
+
+def _endpoint_order(endpoint: tuple[str, int]) -> tuple[int, int, int]:
+    # numeric, so 10.0.0.9 comes before 10.0.0.10; IPv4 before IPv6
+    ip = ipaddress.ip_address(endpoint[0])
+    return ip.version, int(ip), endpoint[1]
