@@ -49,6 +49,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args.rest)
 
 
+def _control_plane_run(args: argparse.Namespace) -> int:
+    from meshling.controlplane.api.server import run
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        return 2
+    return run(args.store, host.strip("[]"), int(port), args.token_file)
+
+
 def _ca(args: argparse.Namespace) -> int:
     from meshling.identity.cli import run
 
@@ -93,6 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a sample mesh with live traffic; `meshling demo --help` for options.",
     )
     demo.set_defaults(func=_demo)
+
+    cp = commands.add_parser("control-plane", help="the control plane")
+    cp_commands = cp.add_subparsers(dest="cp_command", required=True)
+    cp_run = cp_commands.add_parser(
+        "run",
+        help="serve the resource API",
+        description="Serve the control plane's REST API over a resource store. The API "
+        "needs the admin token, written to --token-file on the first start.",
+    )
+    cp_run.add_argument(
+        "--store",
+        default=os.environ.get("MESHLING_STORE", "sqlite://meshling.db"),
+        help="sqlite:///PATH (default: meshling.db here) or postgresql://USER@HOST:PORT/DB "
+        "(env MESHLING_STORE)",
+    )
+    cp_run.add_argument(
+        "--listen",
+        default=os.environ.get("MESHLING_LISTEN", "127.0.0.1:5681"),
+        help="HOST:PORT to serve on (env MESHLING_LISTEN)",
+    )
+    cp_run.add_argument(
+        "--token-file",
+        default=os.environ.get("MESHLING_TOKEN_FILE", "meshling-admin.token"),
+        help="the admin token, created 0600 on the first start (env MESHLING_TOKEN_FILE)",
+    )
+    cp_run.set_defaults(func=_control_plane_run)
 
     ca = commands.add_parser(
         "ca",

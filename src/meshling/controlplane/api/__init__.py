@@ -1,0 +1,16 @@
+"""The control plane's REST API: resources over HTTP, behind an admin token.
+
+* `app` — `create_app(store, admin_token)`, the ASGI app (routes in its docstring);
+* `openapi` — the OpenAPI 3 document it serves at `/openapi.json`;
+* `server` — `run(store_url, host, port, token_file)`, serving it with uvicorn.
+
+The web libraries (Starlette, uvicorn) are imported only in this package; the proxy never
+imports it.
+"""
+
+from __future__ import annotations
+
+from meshling.controlplane.api.app import create_app
+from meshling.controlplane.api.server import ensure_admin_token, run
+
+__all__ = ["create_app", "ensure_admin_token", "run"]

@@ -1,0 +1,355 @@
+"""The REST API over the resource store, as an ASGI app.
+
+Routes (all under an admin bearer token except `GET /healthz`):
+
+- `POST   /api/v1/resources`               create one resource (JSON or YAML body)
+- `GET    /api/v1/{kind}`                  list; `?mesh=NAME`, `?labelSelector=a=b,c=d`
+- `GET    /api/v1/{kind}/{mesh}/{name}`    read one
+- `PUT    /api/v1/{kind}/{mesh}/{name}`    replace one; the body carries `metadata.version`
+- `DELETE /api/v1/{kind}/{mesh}/{name}`    remove one; `?version=N` to delete only that state
+- `GET    /openapi.json`                   the OpenAPI 3 document of all this
+
+`{kind}` is a resource kind (`Dataplane`, `TrafficPermission`, ...), matched without regard
+to case. A Mesh is global: it is stored, and addressed, with its own name as its mesh
+(`/api/v1/Mesh/default/default`).
+
+Documents are validated by `parse_resource`, the same rules as files; a bad one is a 400
+naming the field path, and never reaches the store. A resource comes back in the shape it
+was written in, with `metadata.version`, `metadata.created` and `metadata.updated` added;
+those three are read-only and may be sent back unchanged (a PUT needs `metadata.version`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import yaml
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshling.controlplane.api.openapi import openapi_document
+from meshling.controlplane.resources import MESH_KIND, kinds, parse_resource
+from meshling.controlplane.store import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    Resource,
+    Store,
+    StoreError,
+)
+from meshling.snapshot.load import SnapshotError
+
+# The largest request body accepted: resources are small; this keeps a client from
+# making the control plane buffer an arbitrary amount.
+MAX_BODY = 1024 * 1024
+
+# metadata fields the server sets; accepted (and dropped) in a request body so that a
+# document read from the API can be edited and sent back
+READ_ONLY_METADATA = ("version", "created", "updated")
+
+_JSON_TYPES = ("application/json",)
+_YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ApiError(Exception):
+    """A request the API refuses: the status and the JSON body that say why."""
+
+    def __init__(self, status: int, error: str, **extra: Any) -> None:
+        super().__init__(error)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, **extra}
+
+
+def create_app(store: Store, admin_token: str) -> ASGIApp:
+    """The API over `store`; every route but `/healthz` needs `Bearer <admin_token>`."""
+    if not admin_token:
+        raise ValueError("the admin token must not be empty")
+    known = kinds()
+    by_lower = {k.lower(): k for k in known}
+
+    def kind_of(request: Request) -> str:
+        given = str(request.path_params["kind"])
+        kind = by_lower.get(given.lower())
+        if kind is None:
+            raise ApiError(
+                400,
+                f"unknown kind {given!r}",
+                field="kind",
+                reason=f"unknown kind {given!r} (known: {', '.join(known)})",
+                known=list(known),
+            )
+        return kind
+
+    async def create(request: Request) -> Response:
+        document = await read_document(request)
+        kind, mesh, name, labels, spec = validate(document)
+        try:
+            resource = await store.create(kind, mesh, name, spec, labels)
+        except AlreadyExists as e:
+            raise ApiError(409, str(e)) from None
+        return JSONResponse(render(resource), status_code=201)
+
+    async def list_(request: Request) -> Response:
+        kind = kind_of(request)
+        mesh = request.query_params.get("mesh") or None
+        selector = parse_selector(request.query_params.get("labelSelector", ""))
+        resources = await store.list(kind, mesh, selector)
+        return JSONResponse({"kind": kind, "items": [render(r) for r in resources]})
+
+    async def get(request: Request) -> Response:
+        kind = kind_of(request)
+        mesh, name = request.path_params["mesh"], request.path_params["name"]
+        try:
+            resource = await store.get(kind, mesh, name)
+        except NotFound as e:
+            raise ApiError(404, str(e)) from None
+        return JSONResponse(render(resource))
+
+    async def put(request: Request) -> Response:
+        kind = kind_of(request)
+        mesh, name = request.path_params["mesh"], request.path_params["name"]
+        document = await read_document(request)
+        version = given_version(document)
+        body_kind, body_mesh, body_name, labels, spec = validate(document)
+        for field, in_path, in_body in (
+            ("kind", kind, body_kind),
+            ("metadata.mesh" if kind != MESH_KIND else "metadata.name", mesh, body_mesh),
+            ("metadata.name", name, body_name),
+        ):
+            if in_path != in_body:
+                raise ApiError(
+                    400,
+                    "the document does not match the URL",
+                    field=field,
+                    reason=f"the URL names {in_path!r}, the document {in_body!r}",
+                )
+        try:
+            resource = await store.update(kind, mesh, name, spec, labels, version=version)
+        except NotFound as e:
+            raise ApiError(404, str(e)) from None
+        except Conflict as e:
+            raise ApiError(409, str(e), current=e.current, given=e.given) from None
+        return JSONResponse(render(resource))
+
+    async def delete(request: Request) -> Response:
+        kind = kind_of(request)
+        mesh, name = request.path_params["mesh"], request.path_params["name"]
+        raw = request.query_params.get("version")
+        version: int | None = None
+        if raw is not None:
+            if not raw.isdigit() or int(raw) < 1:
+                raise ApiError(
+                    400,
+                    "invalid version",
+                    field="version",
+                    reason=f"expected a positive integer, got {raw!r}",
+                )
+            version = int(raw)
+        try:
+            await store.delete(kind, mesh, name, version=version)
+        except NotFound as e:
+            raise ApiError(404, str(e)) from None
+        except Conflict as e:
+            raise ApiError(409, str(e), current=e.current, given=e.given) from None
+        return Response(status_code=204)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    document = openapi_document(known)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes = [
+        Route("/healthz", guarded(healthz), methods=["GET"]),
+        Route("/openapi.json", guarded(openapi), methods=["GET"]),
+        Route("/api/v1/resources", guarded(create), methods=["POST"]),
+        Route("/api/v1/{kind}", guarded(list_), methods=["GET"]),
+        Route("/api/v1/{kind}/{mesh}/{name}", guarded(get), methods=["GET"]),
+        Route("/api/v1/{kind}/{mesh}/{name}", guarded(put), methods=["PUT"]),
+        Route("/api/v1/{kind}/{mesh}/{name}", guarded(delete), methods=["DELETE"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return BearerAuth(app, admin_token, open_paths=frozenset({"/healthz"}))
+
+
+def guarded(handler: Handler) -> Handler:
+    """`handler`, with refusals (`ApiError`) and store failures turned into JSON responses."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return JSONResponse(e.body, status_code=e.status)
+        except StoreError as e:
+            return JSONResponse({"error": f"store: {e}"}, status_code=503)
+
+    return run
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": exc.detail}, status_code=exc.status_code, headers=dict(exc.headers or {})
+    )
+
+
+class BearerAuth:
+    """Refuses (401) any HTTP request without `Authorization: Bearer <token>`, except on
+    `open_paths`. The token is compared in constant time."""
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] not in self.open_paths
+            and not self.authorized(scope)
+        ):
+            response = JSONResponse(
+                {"error": "missing or wrong admin token: send 'Authorization: Bearer <token>'"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="meshling"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def authorized(self, scope: Scope) -> bool:
+        values = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, credentials = values[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credentials.strip(), self.token)
+
+
+async def read_document(request: Request) -> Any:
+    """The one document of the request body, by its Content-Type (JSON or YAML)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in _JSON_TYPES + _YAML_TYPES:
+        raise ApiError(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}",
+            reason=f"send one of {', '.join(_JSON_TYPES + _YAML_TYPES)}",
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "request body is not UTF-8", field="", reason=str(e)) from None
+    if content_type in _JSON_TYPES:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, "malformed JSON", field="", reason=str(e)) from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ApiError(400, "malformed YAML", field="", reason=str(e)) from None
+    if len(documents) != 1:
+        raise ApiError(
+            400,
+            "expected exactly one YAML document",
+            field="",
+            reason=f"the body holds {len(documents)}; send one resource per request",
+        )
+    return documents[0]
+
+
+def given_version(document: Any) -> int:
+    """The `metadata.version` a PUT is based on."""
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    version = metadata.get("version") if isinstance(metadata, dict) else None
+    if version is None:
+        raise ApiError(
+            400,
+            "an update needs the version it is based on",
+            field="metadata.version",
+            reason="required field is missing: send the version you read",
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(
+            400,
+            "invalid version",
+            field="metadata.version",
+            reason=f"expected a positive integer, got {version!r}",
+        )
+    return version
+
+
+def validate(document: Any) -> tuple[str, str, str, dict[str, str], dict[str, Any]]:
+    """Validate a request's document; returns its kind, mesh, name, labels and spec."""
+    if isinstance(document, dict) and isinstance(document.get("metadata"), dict):
+        metadata = {k: v for k, v in document["metadata"].items() if k not in READ_ONLY_METADATA}
+        document = {**document, "metadata": metadata}
+    try:
+        json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ApiError(
+            400, "the document cannot be represented as JSON", field="", reason=str(e)
+        ) from None
+    try:
+        parse_resource(document, "request")
+    except SnapshotError as e:
+        raise ApiError(400, str(e), field=e.path, reason=e.reason) from None
+    # parse_resource accepted it: a mapping with kind, metadata.name and (for all but a
+    # Mesh) metadata.mesh
+    kind: str = document["kind"]
+    metadata = document["metadata"]
+    name: str = metadata["name"]
+    mesh: str = name if kind == MESH_KIND else metadata["mesh"]
+    labels: dict[str, str] = dict(metadata.get("labels") or {})
+    spec: dict[str, Any] = dict(document.get("spec") or {})
+    return kind, mesh, name, labels, spec
+
+
+def parse_selector(raw: str) -> dict[str, str]:
+    """`a=b,c=d` → {"a": "b", "c": "d"}."""
+    selector: dict[str, str] = {}
+    for term in raw.split(","):
+        term = term.strip()
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or "=" in value:
+            raise ApiError(
+                400,
+                "invalid label selector",
+                field="labelSelector",
+                reason=f"expected key=value[,key=value...], got {term!r}",
+            )
+        selector[key] = value
+    return selector
+
+
+def render(resource: Resource) -> dict[str, Any]:
+    """A stored resource in the `kind / metadata / spec` shape it was written in."""
+    metadata: dict[str, Any] = {"name": resource.name}
+    if resource.kind != MESH_KIND:
+        metadata["mesh"] = resource.mesh
+    if resource.labels:
+        metadata["labels"] = resource.labels
+    metadata["version"] = resource.version
+    metadata["created"] = resource.created.isoformat()
+    metadata["updated"] = resource.updated.isoformat()
+    return {"kind": resource.kind, "metadata": metadata, "spec": resource.spec}

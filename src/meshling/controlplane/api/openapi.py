@@ -1,0 +1,231 @@
+"""The OpenAPI 3 document of the REST API, written out by hand: the API is small, and its
+documents are validated by the resource parsers, not by a schema library."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": _ref("Error")}}}
+
+
+def _resource(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": _ref("Resource")}}}
+
+
+def _body(description: str) -> dict[str, Any]:
+    schema = _ref("Resource")
+    return {
+        "required": True,
+        "description": description,
+        "content": {
+            _JSON: {"schema": schema},
+            "application/yaml": {"schema": schema},
+        },
+    }
+
+
+def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
+    """The document, with `kinds` as the accepted values of `kind`."""
+    kind_param = {
+        "name": "kind",
+        "in": "path",
+        "required": True,
+        "description": "A resource kind, matched without regard to case.",
+        "schema": {"type": "string", "enum": list(kinds)},
+    }
+    mesh_param = {
+        "name": "mesh",
+        "in": "path",
+        "required": True,
+        "description": "The resource's mesh; for a Mesh, its own name.",
+        "schema": {"type": "string"},
+    }
+    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    one = [kind_param, mesh_param, name_param]
+    unauthorized = _error("Missing or wrong admin token.")
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "meshling control plane",
+            "version": "1",
+            "description": (
+                "Resources (Mesh, Dataplane and every policy kind) in the kind / metadata / "
+                "spec shape. Every route except /healthz needs 'Authorization: Bearer <admin "
+                "token>'. A Mesh is global: its mesh is its own name."
+            ),
+        },
+        "security": [{"adminToken": []}],
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness; needs no token.",
+                    "security": [],
+                    "responses": {"200": {"description": "The API is serving."}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "responses": {"200": {"description": "The OpenAPI document."}},
+                }
+            },
+            "/api/v1/resources": {
+                "post": {
+                    "summary": "Create a resource.",
+                    "requestBody": _body("One resource document, JSON or YAML."),
+                    "responses": {
+                        "201": _resource("The stored resource, with metadata.version."),
+                        "400": _error("Malformed or invalid document, or unknown kind."),
+                        "401": unauthorized,
+                        "409": _error("A resource of that kind, mesh and name exists."),
+                        "413": _error("Body too large."),
+                        "415": _error("Content-Type is neither JSON nor YAML."),
+                    },
+                }
+            },
+            "/api/v1/{kind}": {
+                "get": {
+                    "summary": "List resources of a kind, sorted by name then mesh.",
+                    "parameters": [
+                        kind_param,
+                        {
+                            "name": "mesh",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only this mesh.",
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "labelSelector",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only resources with all these labels: a=b,c=d.",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The matching resources.",
+                            "content": {_JSON: {"schema": _ref("ResourceList")}},
+                        },
+                        "400": _error("Unknown kind or invalid label selector."),
+                        "401": unauthorized,
+                    },
+                }
+            },
+            "/api/v1/{kind}/{mesh}/{name}": {
+                "get": {
+                    "summary": "Read a resource.",
+                    "parameters": one,
+                    "responses": {
+                        "200": _resource("The resource."),
+                        "400": _error("Unknown kind."),
+                        "401": unauthorized,
+                        "404": _error("No such resource."),
+                    },
+                },
+                "put": {
+                    "summary": "Replace a resource's spec and labels.",
+                    "parameters": one,
+                    "requestBody": _body(
+                        "The whole resource, with the metadata.version it is based on."
+                    ),
+                    "responses": {
+                        "200": _resource("The updated resource, with its new version."),
+                        "400": _error("Invalid document, or one that does not match the URL."),
+                        "401": unauthorized,
+                        "404": _error("No such resource."),
+                        "409": _error(
+                            "Stale metadata.version; the body has 'current' and 'given'."
+                        ),
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a resource.",
+                    "parameters": [
+                        *one,
+                        {
+                            "name": "version",
+                            "in": "query",
+                            "required": False,
+                            "description": "Delete only if this is the current version.",
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                    ],
+                    "responses": {
+                        "204": {"description": "Deleted."},
+                        "400": _error("Unknown kind or invalid version."),
+                        "401": unauthorized,
+                        "404": _error("No such resource."),
+                        "409": _error("The current version is not the one given."),
+                    },
+                },
+            },
+        },
+        "components": {
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Resource": {
+                    "type": "object",
+                    "required": ["kind", "metadata"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": list(kinds)},
+                        "metadata": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "mesh": {
+                                    "type": "string",
+                                    "description": "Required for every kind but Mesh.",
+                                },
+                                "labels": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "version": {"type": "integer", "readOnly": True},
+                                "created": {
+                                    "type": "string",
+                                    "format": "date-time",
+                                    "readOnly": True,
+                                },
+                                "updated": {
+                                    "type": "string",
+                                    "format": "date-time",
+                                    "readOnly": True,
+                                },
+                            },
+                        },
+                        "spec": {"type": "object", "description": "Depends on the kind."},
+                    },
+                },
+                "ResourceList": {
+                    "type": "object",
+                    "properties": {
+                        "kind": {"type": "string"},
+                        "items": {"type": "array", "items": _ref("Resource")},
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "field": {"type": "string", "description": "The field path at fault."},
+                        "reason": {"type": "string"},
+                        "current": {"type": "integer"},
+                        "given": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    }
