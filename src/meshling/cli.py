@@ -59,6 +59,12 @@ def _control_plane_run(args: argparse.Namespace) -> int:
     return run(args.store, host.strip("[]"), int(port), args.token_file)
 
 
+def _resources(args: argparse.Namespace) -> int:
+    from meshling.controlplane.cli import run
+
+    return run([args.command, *args.rest])
+
+
 def _ca(args: argparse.Namespace) -> int:
     from meshling.identity.cli import run
 
@@ -130,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp_run.set_defaults(func=_control_plane_run)
 
+    for name, summary in (
+        ("apply", "create or update resources from YAML/JSON files: apply -f FILE|DIR|-"),
+        ("get", "show resources: get KIND [NAME] [-o table|yaml|json]"),
+        ("delete", "delete a resource: delete KIND NAME"),
+    ):
+        command = commands.add_parser(
+            name, help=summary, add_help=False, description=f"{summary}; `--help` for options."
+        )
+        command.set_defaults(func=_resources)
+
     ca = commands.add_parser(
         "ca",
         help="the mesh's certificate authority: init, issue, show",
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # The demo and the CA commands parse their own options; the rest must be known here.
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("demo", "ca"):
+    if rest and args.command not in ("demo", "ca", "apply", "get", "delete"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     _setup_logging(args.log_level)

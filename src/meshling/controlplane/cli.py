@@ -1,0 +1,407 @@
+"""`meshling apply`, `meshling get` and `meshling delete`: resources through the API.
+
+    meshling apply -f FILE|DIR|-            create or update every document, in order
+    meshling get KIND [NAME] [--mesh M] [-l k=v,...] [-o table|yaml|json]
+    meshling delete KIND NAME [--mesh M]
+
+The control plane is `--cp URL` (env `MESHLING_CP`, default `http://127.0.0.1:5681`); the
+admin token is `--token`, `--token-file F`, env `MESHLING_TOKEN` or `MESHLING_TOKEN_FILE`,
+in that order, else `./meshling-admin.token` when there is one (where `meshling
+control-plane run` writes it by default).
+
+`apply` validates every document with the control plane's own rules before it sends any,
+so a set with one bad document changes nothing. Exit status: 0 done, 1 refused (an invalid
+document, an unknown resource, a refusal of the API), 2 usage errors and an unreachable
+control plane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from meshling.controlplane.client import (
+    ApiError,
+    Client,
+    Unreachable,
+    identity,
+    without_read_only,
+)
+from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, kinds, parse_resource
+from meshling.snapshot.load import SnapshotError
+
+DEFAULT_CP = "http://127.0.0.1:5681"
+DEFAULT_TOKEN_FILE = "meshling-admin.token"
+APPLY_SUFFIXES = (".yaml", ".yml", ".json")
+
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A failure the user can act on: the message, and the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One resource document of an applied file: where it came from, and its content."""
+
+    source: str
+    index: int  # 1-based, among the documents of its file
+    content: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} (document {self.index})"
+
+
+def run(args: list[str]) -> int:
+    parser = build_parser()
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as e:  # --help, or a usage error argparse has printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return int(options.func(options))
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cp",
+        default=os.environ.get("MESHLING_CP", DEFAULT_CP),
+        help=f"the control plane's API URL (env MESHLING_CP, default {DEFAULT_CP})",
+    )
+    common.add_argument("--token", help="the admin token (env MESHLING_TOKEN)")
+    common.add_argument(
+        "--token-file",
+        help="a file holding the admin token (env MESHLING_TOKEN_FILE, default "
+        f"./{DEFAULT_TOKEN_FILE} when it exists)",
+    )
+
+    parser = argparse.ArgumentParser(prog="meshling", description="Manage mesh resources.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    apply = commands.add_parser(
+        "apply",
+        parents=[common],
+        help="create or update resources from files",
+        description="Create or update the resources of multi-document YAML/JSON files. "
+        "Every document is validated before any is sent.",
+    )
+    apply.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE|DIR|-",
+        help="a file, a directory (its *.yaml, *.yml and *.json files, sorted), or - "
+        "for standard input; may be repeated",
+    )
+    apply.set_defaults(func=_apply)
+
+    get = commands.add_parser(
+        "get", parents=[common], help="show resources", description="Show resources."
+    )
+    get.add_argument("kind", help=f"a resource kind ({', '.join(kinds())})")
+    get.add_argument("name", nargs="?", help="one resource; all of the kind when left out")
+    get.add_argument(
+        "--mesh", "-m", help="the mesh (default: all meshes for a list, 'default' by name)"
+    )
+    get.add_argument(
+        "-l", "--selector", default="", help="only resources with these labels: k=v[,k=v...]"
+    )
+    get.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    get.set_defaults(func=_get)
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="remove a resource", description="Remove a resource."
+    )
+    delete.add_argument("kind", help=f"a resource kind ({', '.join(kinds())})")
+    delete.add_argument("name")
+    delete.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    delete.set_defaults(func=_delete)
+    return parser
+
+
+# commands
+
+
+def _apply(options: argparse.Namespace) -> int:
+    documents: list[Document] = []
+    for target in options.filename:
+        documents.extend(read_documents(target))
+    invalid = [problem for problem in map(check, documents) if problem]
+    if invalid:
+        for problem in invalid:
+            print(problem, file=sys.stderr)
+        print(
+            f"error: {len(invalid)} of {len(documents)} documents are invalid; nothing applied",
+            file=sys.stderr,
+        )
+        return 1
+    if not documents:
+        raise CliError(f"no resource documents in {', '.join(options.filename)}")
+    client = connect(options)
+    for done, document in enumerate(documents):
+        try:
+            action, _ = call(client, functools.partial(client.apply, document.content))
+        except ApiError as e:
+            print(f"{document.where}: {e}", file=sys.stderr)
+            if done:
+                print(
+                    f"error: the {done} documents before it were applied, the rest were not",
+                    file=sys.stderr,
+                )
+            return 1
+        print(f"{address(*identity(document.content))} {action}", flush=True)
+    return 0
+
+
+def _get(options: argparse.Namespace) -> int:
+    kind = canonical_kind(options.kind)
+    selector = parse_selector(options.selector)
+    client = connect(options)
+    if options.name is not None:
+        mesh = options.name if kind == MESH_KIND else (options.mesh or "default")
+        try:
+            resource = call(client, lambda: client.read(kind, mesh, options.name))
+        except ApiError as e:
+            raise CliError(_not_found(e, kind, mesh, options.name)) from None
+        resources = [resource]
+    else:
+        try:
+            resources = call(client, lambda: client.list_resources(kind, options.mesh, selector))
+        except ApiError as e:
+            raise CliError(str(e)) from None
+    if options.output == "json":
+        value: Any = (
+            resources[0]
+            if options.name is not None
+            else {
+                "kind": kind,
+                "items": resources,
+            }
+        )
+        print(json.dumps(value, indent=2))
+    elif options.output == "yaml":
+        print(yaml.safe_dump_all(resources, sort_keys=False), end="")
+    elif resources:
+        print(table(kind, resources), end="")
+    else:
+        where = f" in mesh {options.mesh}" if options.mesh else ""
+        print(f"no {kind} resources found{where}", file=sys.stderr)
+    return 0
+
+
+def _delete(options: argparse.Namespace) -> int:
+    kind = canonical_kind(options.kind)
+    mesh = options.name if kind == MESH_KIND else options.mesh
+    client = connect(options)
+    try:
+        call(client, lambda: client.delete(kind, mesh, options.name))
+    except ApiError as e:
+        raise CliError(_not_found(e, kind, mesh, options.name)) from None
+    print(f"{address(kind, mesh, options.name)} deleted")
+    return 0
+
+
+# reading and checking documents
+
+
+def read_documents(target: str) -> list[Document]:
+    """The documents of a file, of every matching file of a directory, or of stdin (`-`)."""
+    if target == "-":
+        return parse_documents(sys.stdin.read(), "stdin")
+    path = Path(target)
+    if path.is_dir():
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in APPLY_SUFFIXES
+        )
+        if not files:
+            raise CliError(f"{target}: no *.yaml, *.yml or *.json files in the directory")
+    elif path.exists():
+        files = [path]
+    else:
+        raise CliError(f"{target}: no such file or directory")
+    documents: list[Document] = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"{file}: cannot read: {e}") from None
+        documents.extend(parse_documents(text, str(file)))
+    return documents
+
+
+def parse_documents(text: str, source: str) -> list[Document]:
+    try:
+        loaded = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        raise CliError(f"{source}: malformed YAML: {e}") from None
+    return [
+        Document(source, index, content)
+        for index, content in enumerate(loaded, start=1)
+        if content is not None  # an empty document, as between two `---`
+    ]
+
+
+def check(document: Document) -> str | None:
+    """Why the control plane would refuse `document`, as `FILE (document N): field: reason`."""
+    content = without_read_only(document.content)
+    try:
+        json.dumps(content, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        return f"{document.where}: cannot be represented as JSON: {e}"
+    try:
+        parse_resource(content, document.source)
+    except SnapshotError as e:
+        where = f"{e.path}: " if e.path else ""
+        return f"{document.where}: {where}{e.reason}"
+    return None
+
+
+# talking to the control plane
+
+
+def connect(options: argparse.Namespace) -> Client:
+    url = str(options.cp).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise CliError(f"--cp: expected an http:// or https:// URL, got {url!r}", 2)
+    token, source = find_token(options)
+    return Client(url, token, token_source=source)
+
+
+def find_token(options: argparse.Namespace) -> tuple[str | None, str]:
+    """The admin token and a description of where it came from."""
+    if options.token:
+        return options.token, "the token given with --token"
+    if options.token_file:
+        return _read_token(options.token_file), f"the token in {options.token_file} (--token-file)"
+    if os.environ.get("MESHLING_TOKEN"):
+        return os.environ["MESHLING_TOKEN"], "the token in $MESHLING_TOKEN"
+    env_file = os.environ.get("MESHLING_TOKEN_FILE")
+    if env_file:
+        return _read_token(env_file), f"the token in {env_file} ($MESHLING_TOKEN_FILE)"
+    if Path(DEFAULT_TOKEN_FILE).is_file():
+        return _read_token(DEFAULT_TOKEN_FILE), f"the token in ./{DEFAULT_TOKEN_FILE}"
+    return None, "no token (none was given)"
+
+
+def _read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read the admin token file {path}: {e}", 2) from None
+    if not token:
+        raise CliError(f"the admin token file {path} is empty", 2)
+    return token
+
+
+def call(client: Client, request: Callable[[], T]) -> T:
+    """`request()`, with an unreachable control plane and a refused token as `CliError`s."""
+    try:
+        result = request()
+    except Unreachable as e:
+        raise CliError(str(e), 2) from None
+    except ApiError as e:
+        if e.status == 401:
+            source = client.token_source
+            raise CliError(
+                f"the control plane at {client.url} refused {source}: {e.message}. Give the "
+                "admin token with --token or --token-file, or set MESHLING_TOKEN or "
+                "MESHLING_TOKEN_FILE; `meshling control-plane run` writes it to its "
+                f"--token-file ({DEFAULT_TOKEN_FILE} by default)",
+                1,
+            ) from None
+        raise
+    return result
+
+
+def _not_found(error: ApiError, kind: str, mesh: str, name: str) -> str:
+    if error.status == 404:
+        return f"{address(kind, mesh, name)} not found"
+    return str(error)
+
+
+# output
+
+
+def canonical_kind(given: str) -> str:
+    """A kind as the API spells it, from any case and an optional plural `s`."""
+    by_lower = {k.lower(): k for k in kinds()}
+    lower = given.lower()
+    kind = by_lower.get(lower) or (by_lower.get(lower[:-1]) if lower.endswith("s") else None)
+    if kind is None:
+        raise CliError(f"unknown kind {given!r} (known: {', '.join(kinds())})")
+    return kind
+
+
+def parse_selector(raw: str) -> dict[str, str]:
+    selector: dict[str, str] = {}
+    for term in raw.split(","):
+        term = term.strip()
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"-l: expected key=value[,key=value...], got {term!r}", 2)
+        selector[key.strip()] = value.strip()
+    return selector
+
+
+def address(kind: str, mesh: str, name: str) -> str:
+    return f"{kind}/{name}" if kind == MESH_KIND else f"{kind}/{mesh}/{name}"
+
+
+def table(kind: str, resources: list[dict[str, Any]], now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    header = ["NAME", "MESH", "VERSION", "AGE"]
+    if kind == DATAPLANE_KIND:
+        header.append("SERVICE")
+    rows = [header]
+    for resource in resources:
+        metadata = resource.get("metadata") or {}
+        name = str(metadata.get("name", ""))
+        mesh = name if kind == MESH_KIND else str(metadata.get("mesh", ""))
+        row = [name, mesh, str(metadata.get("version", "")), age(metadata.get("created"), now)]
+        if kind == DATAPLANE_KIND:
+            row.append(str((resource.get("spec") or {}).get("service", "")))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        + "\n"
+        for row in rows
+    )
+
+
+def age(created: Any, now: datetime) -> str:
+    """`created` (ISO 8601) as an age: `42s`, `5m`, `3h`, `2d`."""
+    try:
+        then = datetime.fromisoformat(str(created))
+    except ValueError:
+        return "?"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

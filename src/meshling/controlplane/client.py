@@ -1,0 +1,233 @@
+"""A small synchronous client of the control plane's REST API, on the standard library only
+(so that the command line needs nothing beyond the runtime dependencies).
+
+`Client(url, token)` creates, reads, lists and deletes resources, and `apply`s documents:
+create, or replace what is stored when it differs. A refusal of the API raises `ApiError`
+with the server's message and field path; a control plane that cannot be reached raises
+`Unreachable`.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Literal
+
+from meshling.controlplane.resources import MESH_KIND
+
+Action = Literal["created", "configured", "unchanged"]
+
+# metadata fields the server sets; dropped from a document before it is compared or sent
+READ_ONLY_METADATA = ("version", "created", "updated")
+
+# how many times `apply` re-reads and retries when another writer got in between
+_APPLY_ATTEMPTS = 3
+
+
+class ApiError(Exception):
+    """A request the API refused: its HTTP status and the server's explanation."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        reason: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.reason = reason
+        self.body: dict[str, Any] = body or {}
+
+    def __str__(self) -> str:
+        if self.field and self.reason:
+            return f"{self.field}: {self.reason}"
+        if self.reason and self.reason != self.message:
+            return f"{self.message}: {self.reason}"
+        return self.message
+
+
+class Unreachable(Exception):
+    """The control plane did not answer: refused, timed out, or an unknown host."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the control plane at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+def identity(document: dict[str, Any]) -> tuple[str, str, str]:
+    """The kind, mesh and name a (valid) document is addressed by; a Mesh is its own mesh."""
+    kind = str(document["kind"])
+    metadata = document["metadata"]
+    name = str(metadata["name"])
+    mesh = name if kind == MESH_KIND else str(metadata["mesh"])
+    return kind, mesh, name
+
+
+def without_read_only(document: Any) -> Any:
+    """`document` without the metadata the server sets, so that what was read can be sent."""
+    if isinstance(document, dict) and isinstance(document.get("metadata"), dict):
+        metadata = {k: v for k, v in document["metadata"].items() if k not in READ_ONLY_METADATA}
+        return {**document, "metadata": metadata}
+    return document
+
+
+def _content(document: dict[str, Any]) -> tuple[Any, Any]:
+    """What `apply` compares: the spec and the labels, as JSON would carry them."""
+    metadata = document.get("metadata") or {}
+    spec = document.get("spec") or {}
+    labels = metadata.get("labels") or {}
+    return json.loads(json.dumps([spec, labels], default=str))  # type: ignore[no-any-return]
+
+
+class Client:
+    """The control plane API at `url` (`http://HOST:PORT`), with the admin token `token`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout: float = 10.0,
+        token_source: str = "the token given",
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        # where the token came from, for telling a person which one was refused
+        self.token_source = token_source
+
+    # the resource operations
+
+    def create(self, document: dict[str, Any]) -> dict[str, Any]:
+        return self._object("POST", "/api/v1/resources", body=without_read_only(document))
+
+    def read(self, kind: str, mesh: str, name: str) -> dict[str, Any]:
+        return self._object("GET", self._path(kind, mesh, name))
+
+    def replace(self, document: dict[str, Any], version: int) -> dict[str, Any]:
+        kind, mesh, name = identity(document)
+        body = without_read_only(document)
+        body = {**body, "metadata": {**body["metadata"], "version": version}}
+        return self._object("PUT", self._path(kind, mesh, name), body=body)
+
+    def list_resources(
+        self, kind: str, mesh: str | None = None, selector: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        query: dict[str, str] = {}
+        if mesh:
+            query["mesh"] = mesh
+        if selector:
+            query["labelSelector"] = ",".join(f"{k}={v}" for k, v in selector.items())
+        path = f"/api/v1/{_segment(kind)}"
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        items = self._object("GET", path).get("items", [])
+        return [item for item in items if isinstance(item, dict)]
+
+    def get(
+        self,
+        kind: str,
+        mesh: str | None = None,
+        name: str | None = None,
+        selector: dict[str, str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """One resource when `name` is given (a Mesh needs no `mesh`), else a list."""
+        if name is None:
+            return self.list_resources(kind, mesh, selector)
+        if kind == MESH_KIND:
+            mesh = name
+        if mesh is None:
+            raise ValueError(f"reading a {kind} by name needs its mesh")
+        return self.read(kind, mesh, name)
+
+    def delete(self, kind: str, mesh: str, name: str) -> None:
+        self._request("DELETE", self._path(kind, mesh, name))
+
+    def apply(self, document: dict[str, Any]) -> tuple[Action, dict[str, Any]]:
+        """Create the resource, or bring the stored one to this spec and labels.
+
+        Returns what was done and the resource as stored.
+        """
+        kind, mesh, name = identity(document)
+        try:
+            return "created", self.create(document)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        wanted = _content(document)
+        for attempt in range(_APPLY_ATTEMPTS):
+            current = self.read(kind, mesh, name)
+            if _content(current) == wanted:
+                return "unchanged", current
+            try:
+                return "configured", self.replace(document, int(current["metadata"]["version"]))
+            except ApiError as e:
+                # someone else wrote in between: read again and retry
+                if e.status != 409 or attempt == _APPLY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # HTTP
+
+    def _path(self, kind: str, mesh: str, name: str) -> str:
+        return f"/api/v1/{_segment(kind)}/{_segment(mesh)}/{_segment(name)}"
+
+    def _object(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        result = self._request(method, path, body)
+        if not isinstance(result, dict):
+            raise ApiError(0, f"unexpected answer from the control plane: {result!r}")
+        return result
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body, default=str).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            raise _api_error(e.code, e.read(), e.reason) from None
+        except urllib.error.URLError as e:
+            raise Unreachable(self.url, str(e.reason)) from None
+        except (TimeoutError, ConnectionError) as e:
+            raise Unreachable(self.url, str(e) or type(e).__name__) from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ApiError(0, f"the control plane answered with non-JSON: {raw[:200]!r}") from None
+
+
+def _segment(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _api_error(status: int, raw: bytes, http_reason: str) -> ApiError:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "error" not in body:
+        text = raw.decode(errors="replace").strip()
+        return ApiError(status, f"HTTP {status} {http_reason}" + (f": {text}" if text else ""))
+    field = body.get("field")
+    reason = body.get("reason")
+    return ApiError(
+        status,
+        str(body["error"]),
+        field=str(field) if field else None,
+        reason=str(reason) if reason else None,
+        body=body,
+    )
