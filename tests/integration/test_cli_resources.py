@@ -326,9 +326,6 @@ def test_an_unreachable_control_plane_is_exit_2(
 
 
 def test_cli_resources_commands_are_wired_into_meshling() -> None:
-    import subprocess
-    import sys
-
     for argv in (["get", "Mesh"], ["apply", "-f", "-"], ["delete", "Mesh", "default"]):
         result = subprocess.run(
             [sys.executable, "-m", "meshling", *argv, "--cp", "http://127.0.0.1:9", "--token", "t"],
