@@ -1,6 +1,8 @@
 """The control plane's REST API: resources over HTTP, behind an admin token.
 
-* `app` — `create_app(store, admin_token)`, the ASGI app (routes in its docstring);
+* `app` — `create_app(store, admin_token, ca=None, signer=None)`, the ASGI app (routes in
+  its docstring); with a CA and a token signer it also issues dataplane tokens and signs
+  CSRs for the token's service (`ca`);
 * `openapi` — the OpenAPI 3 document it serves at `/openapi.json`;
 * `server` — `run(store_url, host, port, token_file)`, serving it with uvicorn.
 

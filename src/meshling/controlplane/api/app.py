@@ -9,6 +9,10 @@ Routes (all under an admin bearer token except `GET /healthz`):
 - `DELETE /api/v1/{kind}/{mesh}/{name}`    remove one; `?version=N` to delete only that state
 - `GET    /openapi.json`                   the OpenAPI 3 document of all this
 
+Given a token signer, also the dataplane-token routes, and given a CA as well, the CA
+routes (`meshling.controlplane.api.ca`): `/api/v1/ca/sign` takes a dataplane token
+instead of the admin token, and `/api/v1/ca/bundle` is open.
+
 `{kind}` is a resource kind (`Dataplane`, `TrafficPermission`, ...), matched without regard
 to case. A Mesh is global: it is stored, and addressed, with its own name as its mesh
 (`/api/v1/Mesh/default/default`).
@@ -21,10 +25,11 @@ those three are read-only and may be sent back unchanged (a PUT needs `metadata.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from starlette.applications import Starlette
@@ -45,6 +50,10 @@ from meshling.controlplane.store import (
     StoreError,
 )
 from meshling.snapshot.load import SnapshotError
+
+if TYPE_CHECKING:
+    from meshling.controlplane.tokens import TokenSigner
+    from meshling.identity import CertificateAuthority
 
 # The largest request body accepted: resources are small; this keeps a client from
 # making the control plane buffer an arbitrary amount.
@@ -69,10 +78,24 @@ class ApiError(Exception):
         self.body: dict[str, Any] = {"error": error, **extra}
 
 
-def create_app(store: Store, admin_token: str) -> ASGIApp:
-    """The API over `store`; every route but `/healthz` needs `Bearer <admin_token>`."""
+def create_app(
+    store: Store,
+    admin_token: str,
+    ca: CertificateAuthority | None = None,
+    signer: TokenSigner | None = None,
+    *,
+    clock: Callable[[], dt.datetime] | None = None,
+) -> ASGIApp:
+    """The API over `store`; every route but `/healthz` (and the CA's) needs
+    `Bearer <admin_token>`.
+
+    With `signer`, the dataplane-token routes are served; with `ca` as well, the CA
+    routes. `clock` (UTC now) is for tests.
+    """
     if not admin_token:
         raise ValueError("the admin token must not be empty")
+    if ca is not None and signer is None:
+        raise ValueError("a CA needs a token signer: /api/v1/ca/sign takes dataplane tokens")
     known = kinds()
     by_lower = {k.lower(): k for k in known}
 
@@ -170,7 +193,20 @@ def create_app(store: Store, admin_token: str) -> ASGIApp:
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
 
+    # the CA routes import this module: imported here, not at the top
+    from meshling.controlplane.api import ca as ca_api
+
+    now = clock or ca_api.utc_now
+    extra: list[Route] = []
+    open_paths = {"/healthz"}
+    if signer is not None:
+        extra += ca_api.token_routes(store, signer, clock=now)
+        if ca is not None:
+            extra += ca_api.ca_routes(store, ca, signer, clock=now)
+            open_paths |= ca_api.OPEN_PATHS
+
     routes = [
+        *extra,
         Route("/healthz", guarded(healthz), methods=["GET"]),
         Route("/openapi.json", guarded(openapi), methods=["GET"]),
         Route("/api/v1/resources", guarded(create), methods=["POST"]),
@@ -180,7 +216,7 @@ def create_app(store: Store, admin_token: str) -> ASGIApp:
         Route("/api/v1/{kind}/{mesh}/{name}", guarded(delete), methods=["DELETE"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    return BearerAuth(app, admin_token, open_paths=frozenset({"/healthz"}))
+    return BearerAuth(app, admin_token, open_paths=frozenset(open_paths))
 
 
 def guarded(handler: Handler) -> Handler:

@@ -21,6 +21,14 @@ def _resource(description: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": _ref("Resource")}}}
 
 
+def _json_body(description: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": description,
+        "content": {_JSON: {"schema": {"type": "object"}}},
+    }
+
+
 def _body(description: str) -> dict[str, Any]:
     schema = _ref("Resource")
     return {
@@ -70,6 +78,48 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                     "summary": "Liveness; needs no token.",
                     "security": [],
                     "responses": {"200": {"description": "The API is serving."}},
+                }
+            },
+            "/api/v1/tokens/dataplane": {
+                "post": {
+                    "summary": "Issue a dataplane token bound to a mesh and a service.",
+                    "requestBody": _json_body("{service, mesh?, ttl? (default 24h)}"),
+                    "responses": {
+                        "201": {"description": "{token, jti, mesh, service, expires}"},
+                        "400": _error("Invalid service, mesh or ttl."),
+                        "401": _error("A valid admin token is required."),
+                    },
+                }
+            },
+            "/api/v1/tokens/revoke": {
+                "post": {
+                    "summary": "Revoke a dataplane token by its jti (or the token itself).",
+                    "requestBody": _json_body("{jti, mesh?} or {token}"),
+                    "responses": {
+                        "204": {"description": "Revoked."},
+                        "400": _error("Neither a jti nor a readable token."),
+                        "401": _error("A valid admin token is required."),
+                    },
+                }
+            },
+            "/api/v1/ca/sign": {
+                "post": {
+                    "summary": "Sign a CSR for the token's service (spiffe://<mesh>/<service>).",
+                    "security": [{"dataplaneToken": []}],
+                    "requestBody": _json_body("{csr: PEM}"),
+                    "responses": {
+                        "200": {"description": "{certificate, bundle, identity, expires}"},
+                        "400": _error("The CSR cannot be read."),
+                        "401": _error("The token is malformed, forged, expired or revoked."),
+                        "403": _error("The CSR asks for another identity than the token's."),
+                    },
+                }
+            },
+            "/api/v1/ca/bundle": {
+                "get": {
+                    "summary": "The mesh's trust bundle (PEM); needs no token.",
+                    "security": [],
+                    "responses": {"200": {"description": "The root certificates, PEM."}},
                 }
             },
             "/openapi.json": {
@@ -172,7 +222,14 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
             },
         },
         "components": {
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer"},
+                "dataplaneToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A dataplane token, bound to one mesh and service.",
+                },
+            },
             "schemas": {
                 "Resource": {
                     "type": "object",
