@@ -245,3 +245,13 @@ def test_parse_dataplane_rejects_a_tag_value_with_spaces() -> None:
     doc["spec"]["tags"]["zone"] = "zone a"
     with pytest.raises(SnapshotError, match=r"^dp\.yaml: spec\.tags\.zone: invalid value 'zone a'"):
         parse_dataplane(doc, "dp.yaml")
+
+
+def test_resources_label_selector_parses_pairs_and_names_a_bad_term() -> None:
+    from meshling.controlplane.resources.metadata import parse_selector
+
+    assert parse_selector(" app=web , zone = a ,") == {"app": "web", "zone": "a"}
+    assert parse_selector("") == {}
+    for bad in ("app", "=web", "app=web=x"):
+        with pytest.raises(ValueError, match=f"got {bad!r}"):
+            parse_selector(bad)

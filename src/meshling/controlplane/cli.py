@@ -38,6 +38,7 @@ from meshling.controlplane.client import (
     without_read_only,
 )
 from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, kinds, parse_resource
+from meshling.controlplane.resources.metadata import parse_selector as read_selector
 from meshling.snapshot.load import SnapshotError
 
 DEFAULT_CP = "http://127.0.0.1:5681"
@@ -354,16 +355,10 @@ def canonical_kind(given: str) -> str:
 
 
 def parse_selector(raw: str) -> dict[str, str]:
-    selector: dict[str, str] = {}
-    for term in raw.split(","):
-        term = term.strip()
-        if not term:
-            continue
-        key, sep, value = term.partition("=")
-        if not sep or not key.strip():
-            raise CliError(f"-l: expected key=value[,key=value...], got {term!r}", 2)
-        selector[key.strip()] = value.strip()
-    return selector
+    try:
+        return read_selector(raw)
+    except ValueError as exc:
+        raise CliError(f"-l: {exc}", 2) from None
 
 
 def address(kind: str, mesh: str, name: str) -> str:

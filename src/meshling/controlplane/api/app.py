@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshling.controlplane.api.openapi import openapi_document
 from meshling.controlplane.resources import MESH_KIND, kinds, parse_resource
+from meshling.controlplane.resources.metadata import parse_selector as read_selector
 from meshling.controlplane.store import (
     AlreadyExists,
     Conflict,
@@ -359,23 +360,13 @@ def validate(document: Any) -> tuple[str, str, str, dict[str, str], dict[str, An
 
 
 def parse_selector(raw: str) -> dict[str, str]:
-    """`a=b,c=d` → {"a": "b", "c": "d"}."""
-    selector: dict[str, str] = {}
-    for term in raw.split(","):
-        term = term.strip()
-        if not term:
-            continue
-        key, sep, value = term.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or "=" in value:
-            raise ApiError(
-                400,
-                "invalid label selector",
-                field="labelSelector",
-                reason=f"expected key=value[,key=value...], got {term!r}",
-            )
-        selector[key] = value
-    return selector
+    """The `labelSelector` query parameter; a malformed one is a 400 naming it."""
+    try:
+        return read_selector(raw)
+    except ValueError as exc:
+        raise ApiError(
+            400, "invalid label selector", field="labelSelector", reason=str(exc)
+        ) from None
 
 
 def render(resource: Resource) -> dict[str, Any]:

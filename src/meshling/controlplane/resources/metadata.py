@@ -100,3 +100,21 @@ def string_map(node: _Node) -> dict[str, str]:
             )
         result[key] = value
     return result
+
+
+def parse_selector(raw: str) -> dict[str, str]:
+    """A label selector `a=b,c=d` as {"a": "b", "c": "d"}; ValueError names the bad term.
+
+    The one reading of selectors, for the API's `labelSelector` and the CLI's `-l`.
+    """
+    selector: dict[str, str] = {}
+    for term in raw.split(","):
+        term = term.strip()
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or "=" in value:
+            raise ValueError(f"expected key=value[,key=value...], got {term!r}")
+        selector[key] = value
+    return selector
