@@ -806,6 +806,27 @@ class _Decoder:
                 expect = value if expect is None else expect + b"," + value
         return host, length, coding, connection, upgrade, expect, hosts
 
+    def _body_framing(
+        self, length: bytes | None, coding: bytes | None, version: bytes, otherwise: int
+    ) -> tuple[int, bool, int | None]:
+        """How the body is delimited, from Content-Length and Transfer-Encoding.
+
+        Returns (framing, chunked, content length); `otherwise` when neither is present.
+        The statuses are a request's: a response decoder answers every refusal with 502.
+        """
+        if coding is not None:
+            if length is not None:
+                raise ParseError("content-length with transfer-encoding")
+            if version == b"1.0":
+                raise ParseError("transfer-encoding in http/1.0")
+            self._check_coding(coding)
+            return _CHUNKED, True, None
+        if length is not None:
+            content_length = self._content_length(length)
+            self._remaining = content_length
+            return (_LENGTH if content_length else _NONE), False, content_length
+        return otherwise, False, None
+
     def _check_coding(self, coding: bytes) -> None:
         """Accept exactly ``chunked``; say why anything else is refused."""
         if coding.lower() == b"chunked":
@@ -932,22 +953,8 @@ class RequestDecoder(_Decoder):
         if self._authority is not None:
             host = self._authority  # RFC 9112 3.2.2: the target's authority wins
 
-        chunked = False
-        content_length = None
-        if coding is not None:
-            if length is not None:
-                raise ParseError("content-length with transfer-encoding")
-            if version == b"1.0":
-                raise ParseError("transfer-encoding in http/1.0")
-            self._check_coding(coding)
-            chunked = True
-            framing = _CHUNKED
-        elif length is not None:
-            content_length = self._content_length(length)
-            framing = _LENGTH if content_length else _NONE
-            self._remaining = content_length
-        else:
-            framing = _NONE
+        # A request with neither field has no body (RFC 9112 6.3).
+        framing, chunked, content_length = self._body_framing(length, coding, version, _NONE)
 
         expect_continue = False
         if expect is not None:
@@ -1087,22 +1094,8 @@ class ResponseDecoder(_Decoder):
         status = self._status
         _, length, coding, connection, _, _, _ = self._framing_fields()
 
-        chunked = False
-        content_length = None
-        if coding is not None:
-            if length is not None:
-                raise ParseError("content-length with transfer-encoding", 502)
-            if version == b"1.0":
-                raise ParseError("transfer-encoding in http/1.0", 502)
-            self._check_coding(coding)
-            chunked = True
-            framing = _CHUNKED
-        elif length is not None:
-            content_length = self._content_length(length)
-            framing = _LENGTH if content_length else _NONE
-            self._remaining = content_length
-        else:
-            framing = _CLOSE
+        # A response with neither field runs until the connection closes (RFC 9112 6.3).
+        framing, chunked, content_length = self._body_framing(length, coding, version, _CLOSE)
 
         if connection is None:
             keep_alive = version == b"1.1"
