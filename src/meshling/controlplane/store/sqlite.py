@@ -266,7 +266,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _enable_wal(db)
         if mode != "wal":
             raise StoreError(f"cannot open the store at {path}: SQLite refused WAL mode ({mode})")
         db.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, much faster
@@ -274,6 +274,23 @@ def _connect(path: Path) -> sqlite3.Connection:
         return db
     except (OSError, sqlite3.Error) as e:
         raise StoreError(f"cannot open the store at {path}: {e}") from None
+
+
+def _enable_wal(db: sqlite3.Connection) -> str:
+    """Switch the database to WAL mode; returns the journal mode in force.
+
+    The switch needs an exclusive lock, and SQLite reports a competing opener (another
+    store opening the same fresh file) as "database is locked" at once, without waiting
+    for busy_timeout: retry for as long as that timeout, then give up.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
