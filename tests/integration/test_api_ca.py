@@ -281,3 +281,13 @@ def test_api_ca_routes_are_in_the_openapi_document() -> None:
         assert "post" in document["paths"][path], path
     assert document["paths"]["/api/v1/ca/sign"]["post"]["security"] == [{"dataplaneToken": []}]
     assert document["paths"]["/api/v1/ca/bundle"]["get"]["security"] == []
+
+
+def test_api_status_and_stream_are_in_the_openapi_document() -> None:
+    from meshling.controlplane.api.openapi import openapi_document
+
+    document = openapi_document(["Mesh"])
+    assert "get" in document["paths"]["/api/v1/status/dataplanes"]
+    assert "get" in document["paths"]["/api/v1/status/dataplanes/{mesh}/{name}"]
+    assert document["paths"]["/api/v1/stream"]["get"]["security"] == [{"dataplaneToken": []}]
+    assert "DataplaneStatus" in document["components"]["schemas"]

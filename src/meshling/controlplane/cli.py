@@ -1,13 +1,16 @@
-"""`meshling apply`, `meshling get` and `meshling delete`: resources through the API.
+"""`meshling apply`, `get`, `delete`, `token` and `inspect`: the control plane through its API.
 
     meshling apply -f FILE|DIR|-            create or update every document, in order
     meshling get KIND [NAME] [--mesh M] [-l k=v,...] [-o table|yaml|json]
     meshling delete KIND NAME [--mesh M]
+    meshling token dataplane --service S [--mesh M] [--ttl 24h] [-o FILE]
+    meshling token revoke JTI [--mesh M]
+    meshling inspect dataplane NAME [--mesh M] [-o text|yaml|json]
 
 The control plane is `--cp URL` (env `MESHLING_CP`, default `http://127.0.0.1:5681`); the
 admin token is `--token`, `--token-file F`, env `MESHLING_TOKEN` or `MESHLING_TOKEN_FILE`,
-in that order, else `./meshling-admin.token` when there is one (where `meshling
-control-plane run` writes it by default).
+in that order, else `./meshling-admin.token` or `./meshling-cp/admin.token` when there is
+one (the latter is where `meshling control-plane run` writes it by default).
 
 `apply` validates every document with the control plane's own rules before it sends any,
 so a set with one bad document changes nothing. Exit status: 0 done, 1 refused (an invalid
@@ -43,6 +46,8 @@ from meshling.snapshot.load import SnapshotError
 
 DEFAULT_CP = "http://127.0.0.1:5681"
 DEFAULT_TOKEN_FILE = "meshling-admin.token"
+# where `meshling control-plane run` writes it, with its default --data-dir
+CP_TOKEN_FILE = os.path.join("meshling-cp", "admin.token")
 APPLY_SUFFIXES = (".yaml", ".yml", ".json")
 
 T = TypeVar("T")
@@ -138,6 +143,44 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
     delete.set_defaults(func=_delete)
+
+    token = commands.add_parser(
+        "token",
+        parents=[common],
+        help="issue or revoke dataplane tokens",
+        description="Dataplane tokens: what a proxy shows the control plane to get its "
+        "certificate and its config stream; bound to one mesh and service.",
+    )
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    issue = token_commands.add_parser(
+        "dataplane", parents=[common], help="issue a token for a service's proxies"
+    )
+    issue.add_argument("--service", required=True, help="the service the proxies stand for")
+    issue.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    issue.add_argument("--ttl", default="24h", help="lifetime: 30m, 24h, 7d (default 24h)")
+    issue.add_argument(
+        "-o", "--output", metavar="FILE", help="write the token to FILE (0600) instead of stdout"
+    )
+    issue.set_defaults(func=_token_dataplane)
+    revoke = token_commands.add_parser(
+        "revoke", parents=[common], help="revoke a token by its id (jti)"
+    )
+    revoke.add_argument("jti", help="the token id, as `token dataplane` printed it")
+    revoke.add_argument("--mesh", "-m", default="default", help="the token's mesh")
+    revoke.set_defaults(func=_token_revoke)
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[common],
+        help="show what the control plane knows of a proxy",
+        description="A dataplane's stream (online, last seen, pushed and applied snapshot "
+        "versions, last NACK), its certificate's expiry, and its current snapshot.",
+    )
+    inspect.add_argument("what", choices=["dataplane"], help="what to inspect")
+    inspect.add_argument("name", help="the dataplane's name")
+    inspect.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    inspect.add_argument("-o", "--output", choices=["text", "yaml", "json"], default="text")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
@@ -204,7 +247,8 @@ def _get(options: argparse.Namespace) -> int:
     elif options.output == "yaml":
         print(yaml.safe_dump_all(resources, sort_keys=False), end="")
     elif resources:
-        print(table(kind, resources), end="")
+        statuses = dataplane_statuses(client, options.mesh) if kind == DATAPLANE_KIND else None
+        print(table(kind, resources, statuses=statuses), end="")
     else:
         where = f" in mesh {options.mesh}" if options.mesh else ""
         print(f"no {kind} resources found{where}", file=sys.stderr)
@@ -221,6 +265,90 @@ def _delete(options: argparse.Namespace) -> int:
         raise CliError(_not_found(e, kind, mesh, options.name)) from None
     print(f"{address(kind, mesh, options.name)} deleted")
     return 0
+
+
+def _token_dataplane(options: argparse.Namespace) -> int:
+    client = connect(options)
+    try:
+        issued = call(
+            client, lambda: client.issue_token(options.mesh, options.service, options.ttl)
+        )
+    except ApiError as e:
+        raise CliError(str(e)) from None
+    token = str(issued["token"])
+    what = (
+        f"token for spiffe://{issued.get('mesh')}/{issued.get('service')} "
+        f"(id {issued.get('jti')}, expires {issued.get('expires')})"
+    )
+    if not options.output:
+        print(token)
+        print(what, file=sys.stderr)
+        return 0
+    try:
+        fd = os.open(options.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+    except OSError as e:
+        raise CliError(f"cannot write {options.output}: {e}") from None
+    print(f"{what} written to {options.output}")
+    return 0
+
+
+def _token_revoke(options: argparse.Namespace) -> int:
+    client = connect(options)
+    try:
+        call(client, lambda: client.revoke_token(options.jti, options.mesh))
+    except ApiError as e:
+        raise CliError(str(e)) from None
+    print(f"token {options.jti} revoked")
+    return 0
+
+
+def _inspect(options: argparse.Namespace) -> int:
+    client = connect(options)
+    try:
+        status = call(client, lambda: client.dataplane_status(options.mesh, options.name))
+    except ApiError as e:
+        if e.status == 404:
+            raise CliError(
+                f"{address(DATAPLANE_KIND, options.mesh, options.name)} not found"
+            ) from None
+        raise CliError(str(e)) from None
+    if options.output == "json":
+        print(json.dumps(status, indent=2))
+    elif options.output == "yaml":
+        print(yaml.safe_dump(status, sort_keys=False), end="")
+    else:
+        print(inspection(status), end="")
+    return 0
+
+
+def inspection(status: dict[str, Any]) -> str:
+    """A dataplane's status for a person: the stream, then the snapshot as YAML."""
+    nack = status.get("last_nack")
+    online = "online" if status.get("online") else "offline"
+    lines = [
+        f"Dataplane:     {status.get('mesh')}/{status.get('name')} (service {status.get('service')})",
+        f"Status:        {online}, last seen {status.get('last_seen') or 'never'}"
+        + (f" via {status['replica']}" if status.get("replica") else ""),
+        f"Connected at:  {status.get('connected_at') or '-'}",
+        f"Snapshot:      {status.get('snapshot_version') or '-'} (current)",
+        f"Pushed:        {status.get('pushed') or '-'}",
+        f"Applied:       {status.get('applied') or '-'}",
+        "Last NACK:     "
+        + (
+            f"{nack.get('version')} at {nack.get('at')}: {nack.get('reason')}"
+            if isinstance(nack, dict)
+            else "-"
+        ),
+        f"Certificate:   expires {status.get('certificate_expires') or '- (none signed)'}",
+    ]
+    snapshot = status.get("snapshot")
+    if snapshot is None:
+        lines.append(f"No snapshot: {status.get('snapshot_error', 'unknown')}")
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n---\n" + yaml.safe_dump(snapshot, sort_keys=False)
 
 
 # reading and checking documents
@@ -300,8 +428,9 @@ def find_token(options: argparse.Namespace) -> tuple[str | None, str]:
     env_file = os.environ.get("MESHLING_TOKEN_FILE")
     if env_file:
         return _read_token(env_file), f"the token in {env_file} ($MESHLING_TOKEN_FILE)"
-    if Path(DEFAULT_TOKEN_FILE).is_file():
-        return _read_token(DEFAULT_TOKEN_FILE), f"the token in ./{DEFAULT_TOKEN_FILE}"
+    for default in (DEFAULT_TOKEN_FILE, CP_TOKEN_FILE):
+        if Path(default).is_file():
+            return _read_token(default), f"the token in ./{default}"
     return None, "no token (none was given)"
 
 
@@ -328,7 +457,8 @@ def call(client: Client, request: Callable[[], T]) -> T:
                 f"the control plane at {client.url} refused {source}: {e.message}. Give the "
                 "admin token with --token or --token-file, or set MESHLING_TOKEN or "
                 "MESHLING_TOKEN_FILE; `meshling control-plane run` writes it to its "
-                f"--token-file ({DEFAULT_TOKEN_FILE} by default)",
+                f"--token-file ({CP_TOKEN_FILE} by default). A dataplane token is not an "
+                "admin token",
                 1,
             ) from None
         raise
@@ -365,11 +495,33 @@ def address(kind: str, mesh: str, name: str) -> str:
     return f"{kind}/{name}" if kind == MESH_KIND else f"{kind}/{mesh}/{name}"
 
 
-def table(kind: str, resources: list[dict[str, Any]], now: datetime | None = None) -> str:
+def dataplane_statuses(
+    client: Client, mesh: str | None
+) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """The stream status of each dataplane; None from a control plane without streams, or
+    when none of the dataplanes ever had one (they are run from files, say), so that the
+    table shows stream columns only when they say something."""
+    try:
+        items = client.dataplane_statuses(mesh)
+    except (ApiError, Unreachable):
+        return None
+    if not any(i.get("last_seen") for i in items):
+        return None
+    return {(str(i.get("mesh")), str(i.get("name"))): i for i in items}
+
+
+def table(
+    kind: str,
+    resources: list[dict[str, Any]],
+    now: datetime | None = None,
+    statuses: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> str:
     now = now or datetime.now(UTC)
     header = ["NAME", "MESH", "VERSION", "AGE"]
     if kind == DATAPLANE_KIND:
         header.append("SERVICE")
+        if statuses is not None:
+            header += ["ONLINE", "APPLIED"]
     rows = [header]
     for resource in resources:
         metadata = resource.get("metadata") or {}
@@ -378,6 +530,10 @@ def table(kind: str, resources: list[dict[str, Any]], now: datetime | None = Non
         row = [name, mesh, str(metadata.get("version", "")), age(metadata.get("created"), now)]
         if kind == DATAPLANE_KIND:
             row.append(str((resource.get("spec") or {}).get("service", "")))
+            if statuses is not None:
+                status = statuses.get((mesh, name)) or {}
+                row.append("yes" if status.get("online") else "no")
+                row.append(str(status.get("applied") or "-"))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "".join(

@@ -2,7 +2,8 @@
 (so that the command line needs nothing beyond the runtime dependencies).
 
 `Client(url, token)` creates, reads, lists and deletes resources, and `apply`s documents:
-create, or replace what is stored when it differs. A refusal of the API raises `ApiError`
+create, or replace what is stored when it differs; it also issues and revokes dataplane
+tokens and reads dataplane status. A refusal of the API raises `ApiError`
 with the server's message and field path; a control plane that cannot be reached raises
 `Unreachable`.
 """
@@ -56,7 +57,11 @@ class Unreachable(Exception):
     """The control plane did not answer: refused, timed out, or an unknown host."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"cannot reach the control plane at {url}: {reason}")
+        super().__init__(
+            f"cannot reach the control plane at {url}: {reason}. Is the control plane "
+            f"running at {url}? (`meshling control-plane run`; --cp or MESHLING_CP to point "
+            "elsewhere)"
+        )
         self.url = url
         self.reason = reason
 
@@ -172,6 +177,27 @@ class Client:
                 if e.status != 409 or attempt == _APPLY_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # tokens and status
+
+    def issue_token(self, mesh: str, service: str, ttl: str) -> dict[str, Any]:
+        """A dataplane token: `{"token", "jti", "mesh", "service", "expires"}`."""
+        return self._object(
+            "POST", "/api/v1/tokens/dataplane", body={"mesh": mesh, "service": service, "ttl": ttl}
+        )
+
+    def revoke_token(self, jti: str, mesh: str) -> None:
+        self._request("POST", "/api/v1/tokens/revoke", body={"jti": jti, "mesh": mesh})
+
+    def dataplane_statuses(self, mesh: str | None = None) -> list[dict[str, Any]]:
+        path = "/api/v1/status/dataplanes"
+        if mesh:
+            path += "?" + urllib.parse.urlencode({"mesh": mesh})
+        items = self._object("GET", path).get("items", [])
+        return [item for item in items if isinstance(item, dict)]
+
+    def dataplane_status(self, mesh: str, name: str) -> dict[str, Any]:
+        return self._object("GET", f"/api/v1/status/dataplanes/{_segment(mesh)}/{_segment(name)}")
 
     # HTTP
 

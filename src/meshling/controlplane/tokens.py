@@ -50,6 +50,9 @@ _REASONS: Final[dict[str, str]] = {
     "revoked": "the dataplane token has been revoked",
 }
 
+# the store kind of a revocation: mesh of the token (or `default`), name = its jti
+REVOCATION_KIND: Final = "TokenRevocation"
+
 HEADER: Final = {"alg": "HS256", "typ": "meshling-dataplane"}
 MIN_KEY_LENGTH: Final = 32
 # a token is well under 1 KiB; refuse to even decode anything much larger

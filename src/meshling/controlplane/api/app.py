@@ -11,7 +11,9 @@ Routes (all under an admin bearer token except `GET /healthz`):
 
 Given a token signer, also the dataplane-token routes, and given a CA as well, the CA
 routes (`meshling.controlplane.api.ca`): `/api/v1/ca/sign` takes a dataplane token
-instead of the admin token, and `/api/v1/ca/bundle` is open.
+instead of the admin token, and `/api/v1/ca/bundle` is open. Given a distributor as well,
+the config stream (`WebSocket /api/v1/stream`, dataplane token; `distributor.stream`) and
+the dataplane status routes (`/api/v1/status/dataplanes...`, admin token; `status`).
 
 `{kind}` is a resource kind (`Dataplane`, `TrafficPermission`, ...), matched without regard
 to case. A Mesh is global: it is stored, and addressed, with its own name as its mesh
@@ -36,7 +38,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshling.controlplane.api.openapi import openapi_document
@@ -53,7 +55,9 @@ from meshling.controlplane.store import (
 from meshling.snapshot.load import SnapshotError
 
 if TYPE_CHECKING:
+    from meshling.controlplane.distributor import Distributor
     from meshling.controlplane.tokens import TokenSigner
+    from meshling.controlplane.trust import Authorities, FixedAuthority
     from meshling.identity import CertificateAuthority
 
 # The largest request body accepted: resources are small; this keeps a client from
@@ -82,21 +86,26 @@ class ApiError(Exception):
 def create_app(
     store: Store,
     admin_token: str,
-    ca: CertificateAuthority | None = None,
+    ca: CertificateAuthority | Authorities | FixedAuthority | None = None,
     signer: TokenSigner | None = None,
     *,
+    distributor: Distributor | None = None,
     clock: Callable[[], dt.datetime] | None = None,
 ) -> ASGIApp:
-    """The API over `store`; every route but `/healthz` (and the CA's) needs
-    `Bearer <admin_token>`.
+    """The API over `store`; every route but `/healthz` (and the CA's, and the stream)
+    needs `Bearer <admin_token>`.
 
-    With `signer`, the dataplane-token routes are served; with `ca` as well, the CA
-    routes. `clock` (UTC now) is for tests.
+    With `signer`, the dataplane-token routes are served; with `ca` as well (one CA, or
+    `trust.Authorities`: one per mesh, from the store), the CA routes; with a
+    `distributor` as well, the config stream and the status routes. `clock` (UTC now) is
+    for tests.
     """
     if not admin_token:
         raise ValueError("the admin token must not be empty")
     if ca is not None and signer is None:
         raise ValueError("a CA needs a token signer: /api/v1/ca/sign takes dataplane tokens")
+    if distributor is not None and signer is None:
+        raise ValueError("the config stream needs a token signer: it takes dataplane tokens")
     known = kinds()
     by_lower = {k.lower(): k for k in known}
 
@@ -198,13 +207,22 @@ def create_app(
     from meshling.controlplane.api import ca as ca_api
 
     now = clock or ca_api.utc_now
-    extra: list[Route] = []
+    extra: list[BaseRoute] = []
     open_paths = {"/healthz"}
+    stream_paths: set[str] = set()
     if signer is not None:
         extra += ca_api.token_routes(store, signer, clock=now)
         if ca is not None:
             extra += ca_api.ca_routes(store, ca, signer, clock=now)
             open_paths |= ca_api.OPEN_PATHS
+    if distributor is not None and signer is not None:
+        from meshling.configstream import STREAM_PATH
+        from meshling.controlplane.api.status import status_routes
+        from meshling.controlplane.distributor.stream import stream_endpoint
+
+        extra.append(WebSocketRoute(STREAM_PATH, stream_endpoint(store, signer, distributor, now)))
+        extra += status_routes(store, distributor, distributor.offline_after, now)
+        stream_paths.add(STREAM_PATH)
 
     routes = [
         *extra,
@@ -217,7 +235,9 @@ def create_app(
         Route("/api/v1/{kind}/{mesh}/{name}", guarded(delete), methods=["DELETE"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    return BearerAuth(app, admin_token, open_paths=frozenset(open_paths))
+    return BearerAuth(
+        app, admin_token, open_paths=frozenset(open_paths), stream_paths=frozenset(stream_paths)
+    )
 
 
 def guarded(handler: Handler) -> Handler:
@@ -243,14 +263,27 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 class BearerAuth:
     """Refuses (401) any HTTP request without `Authorization: Bearer <token>`, except on
-    `open_paths`. The token is compared in constant time."""
+    `open_paths`. The token is compared in constant time.
 
-    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+    WebSockets are let through on `stream_paths` only, whose endpoint checks a dataplane
+    token itself (the admin token is not one); any other upgrade is refused."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        open_paths: frozenset[str],
+        stream_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.token = token.encode()
         self.open_paths = open_paths
+        self.stream_paths = stream_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] not in self.stream_paths:
+            await send({"type": "websocket.close", "code": 4404, "reason": "no stream here"})
+            return
         if (
             scope["type"] == "http"
             and scope["path"] not in self.open_paths

@@ -4,9 +4,10 @@
   `{"token", "jti", "expires"}`
 - `POST /api/v1/tokens/revoke`     (admin token) `{"jti"[, "mesh"]}` or `{"token"}` → 204;
   the revocation is a `TokenRevocation` record in the store (mesh, name = jti)
-- `POST /api/v1/ca/sign`           (dataplane token) `{"csr": PEM}` →
-  `{"certificate", "bundle", "expires"}`, for the token's identity only
-- `GET  /api/v1/ca/bundle`         (open) the trust bundle, PEM
+- `POST /api/v1/ca/sign`           (dataplane token) `{"csr": PEM[, "dataplane": NAME]}` →
+  `{"certificate", "bundle", "expires"}`, for the token's identity only, from the CA of
+  the token's mesh; naming the dataplane records the certificate's expiry in its status
+- `GET  /api/v1/ca/bundle[?mesh=M]` (open) the trust bundle of a mesh (default `default`), PEM
 
 `/api/v1/ca/*` is outside the admin token's guard (`OPEN_PATHS`): the sign route checks a
 dataplane token itself, and the admin token is not one.
@@ -18,9 +19,10 @@ import argparse
 import contextlib
 import datetime as dt
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography import x509
 from starlette.requests import Request
@@ -28,13 +30,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from meshling.controlplane.api.app import ApiError, guarded, read_document
+from meshling.controlplane.resources import DATAPLANE_KIND
+from meshling.controlplane.status import STATUS_KIND
 from meshling.controlplane.store import AlreadyExists, NotFound, Store
-from meshling.controlplane.tokens import TokenClaims, TokenError, TokenSigner, is_jti
+from meshling.controlplane.tokens import (
+    REVOCATION_KIND,
+    TokenClaims,
+    TokenError,
+    TokenSigner,
+    is_jti,
+)
 from meshling.identity import CaError, CertificateAuthority, SpiffeId
 from meshling.identity.ca import CA_CERT_FILE
 from meshling.identity.cli import parse_duration
 
-REVOCATION_KIND: Final = "TokenRevocation"
 DEFAULT_MESH: Final = "default"
 DEFAULT_TOKEN_TTL: Final = "24h"
 SIGN_PATH: Final = "/api/v1/ca/sign"
@@ -42,6 +51,8 @@ BUNDLE_PATH: Final = "/api/v1/ca/bundle"
 OPEN_PATHS: Final = frozenset({SIGN_PATH, BUNDLE_PATH})
 
 Clock = Callable[[], dt.datetime]
+
+_DATAPLANE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def utc_now() -> dt.datetime:
@@ -126,10 +137,38 @@ async def is_revoked(store: Store, claims: TokenClaims) -> bool:
     return False
 
 
+class AuthorityProvider(Protocol):
+    async def for_mesh(self, mesh: str) -> CertificateAuthority | None:
+        """The CA of `mesh`, or None when this control plane has none for it."""
+        ...
+
+
 def ca_routes(
-    store: Store, ca: CertificateAuthority, signer: TokenSigner, *, clock: Clock = utc_now
+    store: Store,
+    ca: CertificateAuthority | AuthorityProvider,
+    signer: TokenSigner,
+    *,
+    clock: Clock = utc_now,
 ) -> list[Route]:
-    """The CA routes: sign a CSR for a dataplane token's holder, and the trust bundle."""
+    """The CA routes: sign a CSR for a dataplane token's holder, and the trust bundle.
+
+    `ca` is one CA (for its one mesh) or a provider of a CA per mesh."""
+    from meshling.controlplane.trust import FixedAuthority
+
+    authorities: AuthorityProvider = (
+        FixedAuthority(ca) if isinstance(ca, CertificateAuthority) else ca
+    )
+
+    async def authority(mesh: str) -> CertificateAuthority:
+        found = await authorities.for_mesh(mesh)
+        if found is None:
+            raise ApiError(
+                403,
+                f"the token is for mesh {mesh}, for which this control plane has no CA "
+                "(is there such a mesh?)",
+                reason="wrong_mesh",
+            )
+        return found
 
     async def authenticate(request: Request) -> TokenClaims:
         values = request.headers.getlist("authorization")
@@ -146,12 +185,6 @@ def ca_routes(
                 raise TokenError("revoked", f"token id {claims.jti}")
         except TokenError as e:
             raise ApiError(401, str(e), reason=e.reason) from None
-        if claims.mesh != ca.mesh:
-            raise ApiError(
-                403,
-                f"the token is for mesh {claims.mesh}; this CA signs for mesh {ca.mesh}",
-                reason="wrong_mesh",
-            )
         return claims
 
     async def sign(request: Request) -> Response:
@@ -162,12 +195,18 @@ def ca_routes(
             raise ApiError(400, "the body needs a PEM CSR in 'csr'", field="csr")
         csr_pem = csr_text.encode()
         check_csr_identity(csr_pem, claims)
+        dataplane = await _dataplane_of(store, claims, body.get("dataplane"))
+        ca = await authority(claims.mesh)
         try:
             certificate = ca.issue(csr_pem, claims.service, now=clock())
         except CaError as e:
             status = 503 if e.reason == "root_expired" else 400
             raise ApiError(status, e.detail, field="csr", reason=e.reason) from None
         expires = x509.load_pem_x509_certificate(certificate).not_valid_after_utc
+        if dataplane is not None:
+            await store.patch_many(
+                STATUS_KIND, [(claims.mesh, dataplane, {"certificate_expires": _iso(expires)})]
+            )
         return JSONResponse(
             {
                 "certificate": certificate.decode(),
@@ -178,12 +217,42 @@ def ca_routes(
         )
 
     async def bundle(request: Request) -> Response:
-        return Response(ca.bundle.to_pem(), media_type="application/x-pem-file")
+        mesh = request.query_params.get("mesh") or DEFAULT_MESH
+        found = await authorities.for_mesh(mesh)
+        if found is None:
+            raise ApiError(404, f"no CA for mesh {mesh!r}: is there such a mesh?")
+        return Response(found.bundle.to_pem(), media_type="application/x-pem-file")
 
     return [
         Route(SIGN_PATH, guarded(sign), methods=["POST"]),
         Route(BUNDLE_PATH, guarded(bundle), methods=["GET"]),
     ]
+
+
+async def _dataplane_of(store: Store, claims: TokenClaims, raw: Any) -> str | None:
+    """The dataplane a sign request names, if any: one of the token's service."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not _DATAPLANE_NAME.fullmatch(raw):
+        raise ApiError(
+            400,
+            "dataplane must be a dataplane name",
+            field="dataplane",
+            reason=f"got {raw!r}",
+        )
+    try:
+        existing = await store.get(DATAPLANE_KIND, claims.mesh, raw)
+    except NotFound:
+        return raw  # a proxy gets its certificate before its first hello registers it
+    if existing.spec.get("service") != claims.service:
+        raise ApiError(
+            403,
+            f"dataplane {raw} is service {existing.spec.get('service')}, not the token's "
+            f"service {claims.service}",
+            field="dataplane",
+            reason="forbidden",
+        )
+    return raw
 
 
 def check_csr_identity(csr_pem: bytes, claims: TokenClaims) -> None:

@@ -106,20 +106,106 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                 "post": {
                     "summary": "Sign a CSR for the token's service (spiffe://<mesh>/<service>).",
                     "security": [{"dataplaneToken": []}],
-                    "requestBody": _json_body("{csr: PEM}"),
+                    "requestBody": _json_body(
+                        "{csr: PEM, dataplane?: NAME}; naming the dataplane records the "
+                        "certificate's expiry in its status"
+                    ),
                     "responses": {
                         "200": {"description": "{certificate, bundle, identity, expires}"},
                         "400": _error("The CSR cannot be read."),
                         "401": _error("The token is malformed, forged, expired or revoked."),
-                        "403": _error("The CSR asks for another identity than the token's."),
+                        "403": _error(
+                            "The CSR asks for another identity than the token's, the named "
+                            "dataplane is another service's, or the token's mesh has no CA."
+                        ),
                     },
                 }
             },
             "/api/v1/ca/bundle": {
                 "get": {
-                    "summary": "The mesh's trust bundle (PEM); needs no token.",
+                    "summary": "A mesh's trust bundle (PEM); needs no token.",
                     "security": [],
-                    "responses": {"200": {"description": "The root certificates, PEM."}},
+                    "parameters": [
+                        {
+                            "name": "mesh",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "default": "default"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "The root certificates, PEM."},
+                        "404": _error("No such mesh."),
+                    },
+                }
+            },
+            "/api/v1/stream": {
+                "get": {
+                    "summary": "The config stream: a WebSocket (see docs/config-stream.md).",
+                    "description": (
+                        "Upgrade with 'Authorization: Bearer <dataplane token>'. The proxy "
+                        "sends hello, then ack/nack; the control plane sends push, or refuse "
+                        "and closes with a 44xx code."
+                    ),
+                    "security": [{"dataplaneToken": []}],
+                    "responses": {"101": {"description": "Switching to the WebSocket."}},
+                }
+            },
+            "/api/v1/status/dataplanes": {
+                "get": {
+                    "summary": "Every dataplane with its stream's status.",
+                    "parameters": [
+                        {
+                            "name": "mesh",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "{items: [DataplaneStatus], offline_after}",
+                            "content": {
+                                _JSON: {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "items": {
+                                                "type": "array",
+                                                "items": _ref("DataplaneStatus"),
+                                            },
+                                            "offline_after": {"type": "number"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "401": unauthorized,
+                    },
+                }
+            },
+            "/api/v1/status/dataplanes/{mesh}/{name}": {
+                "get": {
+                    "summary": "One dataplane's status, certificate expiry and current snapshot.",
+                    "parameters": [
+                        {
+                            "name": "mesh",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        name_param,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The status, with connected_at, "
+                            "certificate_expires, tls_paths, snapshot (or snapshot_error) "
+                            "and snapshot_version.",
+                            "content": {_JSON: {"schema": _ref("DataplaneStatus")}},
+                        },
+                        "401": unauthorized,
+                        "404": _error("No such dataplane."),
+                    },
                 }
             },
             "/openapi.json": {
@@ -270,6 +356,32 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                     "properties": {
                         "kind": {"type": "string"},
                         "items": {"type": "array", "items": _ref("Resource")},
+                    },
+                },
+                "DataplaneStatus": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "mesh": {"type": "string"},
+                        "service": {"type": "string"},
+                        "online": {
+                            "type": "boolean",
+                            "description": "Connected, and seen within offline_after seconds.",
+                        },
+                        "connected": {"type": "boolean"},
+                        "replica": {"type": "string", "nullable": True},
+                        "last_seen": {"type": "string", "format": "date-time", "nullable": True},
+                        "pushed": {"type": "string", "nullable": True},
+                        "applied": {"type": "string", "nullable": True},
+                        "last_nack": {
+                            "type": "object",
+                            "nullable": True,
+                            "properties": {
+                                "version": {"type": "string"},
+                                "reason": {"type": "string"},
+                                "at": {"type": "string", "format": "date-time"},
+                            },
+                        },
                     },
                 },
                 "Error": {

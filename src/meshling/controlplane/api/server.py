@@ -1,4 +1,11 @@
-"""Serving the API: the admin token file, the store, and uvicorn until SIGTERM or SIGINT."""
+"""Serving the control plane: the admin token file, the store, the secrets the replicas
+share (token signing key, a CA per mesh), the distributor and its streams, and uvicorn
+until SIGTERM or SIGINT.
+
+The shutdown sequence: uvicorn stops accepting and closes its connections (streams get
+1012 "service restart"), the distributor records its streams disconnected and writes
+the status it holds, then the store closes.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,22 @@ import secrets
 import signal
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 import uvloop
 
+from meshling.configstream import STREAM_PATH
+from meshling.configstream.messages import MAX_MESSAGE_BYTES
 from meshling.controlplane.api.app import create_app
-from meshling.controlplane.store import StoreError, open_store
+from meshling.controlplane.distributor import Distributor, replica_id
+from meshling.controlplane.resources import MESH_KIND
+from meshling.controlplane.status import DEFAULT_OFFLINE_AFTER, StatusWriter
+from meshling.controlplane.store import AlreadyExists, Store, StoreError, open_store
+from meshling.controlplane.trust import Authorities, TrustError, load_or_create_signer
 
 
 class TokenFileError(Exception):
@@ -59,8 +74,24 @@ def _read_admin_token(path: Path) -> str:
     return token
 
 
-def run(store_url: str, host: str, port: int, token_file: str) -> int:
-    """Serve the API on `host:port` over the store at `store_url` until SIGTERM or SIGINT.
+def run(
+    store_url: str,
+    host: str,
+    port: int,
+    token_file: str,
+    *,
+    default_mesh: str | None = None,
+    mesh_mtls: str = "off",
+    replica: str | None = None,
+    offline_after: float = DEFAULT_OFFLINE_AFTER,
+) -> int:
+    """Serve the control plane on `host:port` over the store at `store_url` until SIGTERM
+    or SIGINT.
+
+    `default_mesh`, when given, is created if missing, with mTLS `mesh_mtls` (off,
+    permissive or strict). `replica` names this process in dataplane status (default
+    hostname:pid); a dataplane is offline once its replica has not refreshed it for
+    `offline_after` seconds.
 
     Returns the process exit status: 0 after a clean stop, 1 if it could not start.
     """
@@ -73,24 +104,71 @@ def run(store_url: str, host: str, port: int, token_file: str) -> int:
         print(f"admin token written to {os.path.abspath(token_file)} (mode 0600)", flush=True)
     else:
         print(f"admin token read from {os.path.abspath(token_file)}", flush=True)
+    options = _Options(default_mesh, mesh_mtls, replica or replica_id(), offline_after)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(store_url, host, port, token))
+        return runner.run(_serve(store_url, host, port, token, options))
 
 
-async def _serve(store_url: str, host: str, port: int, token: str) -> int:
+@dataclass(frozen=True)
+class _Options:
+    default_mesh: str | None
+    mesh_mtls: str
+    replica: str
+    offline_after: float
+
+
+async def ensure_mesh(store: Store, name: str, mtls: str) -> bool:
+    """Create mesh `name` unless it exists; whether it was created."""
+    spec: dict[str, Any] = {}
+    if mtls != "off":
+        spec = {"mtls": {"enabled": True, "mode": mtls}}
+    try:
+        await store.create(MESH_KIND, name, name, spec)
+    except AlreadyExists:
+        return False
+    return True
+
+
+async def _serve(store_url: str, host: str, port: int, token: str, options: _Options) -> int:
     try:
         store = await open_store(store_url)
     except StoreError as e:
         print(f"error: cannot open the store: {e}", file=sys.stderr)
         return 1
+    distributor: Distributor | None = None
     try:
+        try:
+            if options.default_mesh is not None and await ensure_mesh(
+                store, options.default_mesh, options.mesh_mtls
+            ):
+                print(f"created mesh {options.default_mesh!r}", flush=True)
+            signer = await load_or_create_signer(store)
+            distributor = Distributor(
+                store,
+                StatusWriter(store),
+                replica=options.replica,
+                offline_after=options.offline_after,
+            )
+            await distributor.start()
+        except (StoreError, TrustError) as e:
+            print(f"error: cannot start the control plane: {e}", file=sys.stderr)
+            return 1
+        app = create_app(
+            store, token, ca=Authorities(store), signer=signer, distributor=distributor
+        )
         config = uvicorn.Config(
-            create_app(store, token),
+            app,
             host=host,
             port=port,
             log_level="info",
             access_log=False,
             lifespan="off",
+            ws="websockets-sansio",
+            # keepalive: a proxy that stops answering pings is dropped (and so offline)
+            # within 20 s, even when its TCP connection lingers
+            ws_ping_interval=10.0,
+            ws_ping_timeout=10.0,
+            ws_max_size=MAX_MESSAGE_BYTES,
         )
         server = uvicorn.Server(config)
 
@@ -101,6 +179,12 @@ async def _serve(store_url: str, host: str, port: int, token: str) -> int:
         # the requests in flight, returns), then raises the signal again for the handler
         # it found: this one, so that a signal is a clean stop and not a kill
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        where = f"[{host}]" if ":" in host else host
+        print(
+            f"control plane {options.replica}: API at http://{where}:{port}, config stream at "
+            f"ws://{where}:{port}{STREAM_PATH}",
+            flush=True,
+        )
         try:
             await server.serve()
         except SystemExit:
@@ -111,4 +195,6 @@ async def _serve(store_url: str, host: str, port: int, token: str) -> int:
                 signal.signal(sig, handler)
         return 0 if server.started else 1
     finally:
+        if distributor is not None:
+            await distributor.close()
         await store.close()

@@ -10,6 +10,7 @@ migrations, and returns a `Store`:
 from __future__ import annotations
 
 from .model import (
+    RESYNC,
     AlreadyExists,
     Change,
     ChangeOp,
@@ -22,6 +23,7 @@ from .model import (
 )
 
 __all__ = [
+    "RESYNC",
     "AlreadyExists",
     "Change",
     "ChangeOp",

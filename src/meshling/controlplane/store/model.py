@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-ChangeOp = Literal["created", "updated", "deleted"]
+# `resync`: changes may have been missed (a PostgreSQL watcher lost its connection and has
+# it back); kind, mesh and name are `*` and the consumer re-lists what it follows.
+ChangeOp = Literal["created", "updated", "deleted", "resync"]
 
 # Longest kind, mesh or name accepted: a DNS label set, as elsewhere in the mesh, and small
 # enough that a change always fits in one PostgreSQL NOTIFY payload (8000 bytes).
@@ -42,6 +44,10 @@ class Change:
     name: str
     version: int
     op: ChangeOp
+
+
+# Delivered to every watch after a gap in the notifications.
+RESYNC = Change(kind="*", mesh="*", name="*", version=0, op="resync")
 
 
 class StoreError(Exception):
@@ -171,6 +177,18 @@ class Store(Protocol):
 
     async def delete(self, kind: str, mesh: str, name: str, *, version: int | None = None) -> None:
         """Remove the resource, only at `version` if given. Raises NotFound or Conflict."""
+        ...
+
+    async def patch_many(
+        self, kind: str, patches: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        """Create or update many records of `kind` in one transaction: each `(mesh, name,
+        patch)` merges the patch's top-level keys into the stored spec (creating it from
+        the patch when absent).
+
+        For records many writers touch field by field and nobody watches (dataplane
+        status): no version check, and no change notification.
+        """
         ...
 
     async def watch(self) -> Watch:

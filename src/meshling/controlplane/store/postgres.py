@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from .model import (
+    RESYNC,
     AlreadyExists,
     Change,
     ChangeOp,
@@ -388,6 +389,27 @@ class PostgresStore:
             )
             await self._notify(conn, kind, mesh, name, deleted, "deleted")
 
+    async def patch_many(
+        self, kind: str, patches: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        rows = []
+        for mesh, name, patch in patches:
+            check_key(kind, mesh, name)
+            rows.append((kind, mesh, name, encode_spec(patch)))
+        if not rows:
+            return
+        # One statement per record, pipelined by executemany in one transaction; `||`
+        # merges the patch's top-level keys into the stored spec.
+        async with self._transaction("write records") as conn:
+            await conn.executemany(
+                f"INSERT INTO {self._resources} AS r"
+                " (kind, mesh, name, labels, spec, version, created, updated)"
+                " VALUES ($1, $2, $3, '{}'::jsonb, $4::jsonb, 1, now(), now())"
+                " ON CONFLICT (kind, mesh, name) DO UPDATE"
+                " SET spec = r.spec || EXCLUDED.spec, version = r.version + 1, updated = now()",
+                rows,
+            )
+
     # changes
 
     async def watch(self) -> Watch:
@@ -453,6 +475,10 @@ class PostgresStore:
                     if self._listener is None or self._listener.is_closed():
                         await self._listen()
                 log.warning("change notifications from %s restored", self.url)
+                # listening again: whatever a watcher re-lists now, later changes will
+                # reach it, so nothing falls in between
+                for w in list(self._watches):
+                    w.deliver(RESYNC)
                 return
             except StoreError as e:
                 log.warning("%s", e)

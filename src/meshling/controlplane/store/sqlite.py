@@ -208,6 +208,18 @@ class SqliteStore:
         check_key(kind, mesh, name)
         await self._write(_delete, kind, mesh, name, version)
 
+    async def patch_many(
+        self, kind: str, patches: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        rows = []
+        for mesh, name, patch in patches:
+            check_key(kind, mesh, name)
+            encode_spec(patch)  # refuses what JSON cannot hold
+            rows.append((mesh, name, patch))
+        if rows:
+            # no _write: records are not logged as changes, so no watcher needs waking
+            await self._run(_transaction, self._db, _patch_many, kind, rows)
+
     # changes
 
     async def watch(self) -> Watch:
@@ -430,6 +442,30 @@ def _delete(db: sqlite3.Connection, kind: str, mesh: str, name: str, version: in
         (kind, mesh, name, current),
     )
     _log(db, kind, mesh, name, current, "deleted")
+
+
+def _patch_many(
+    db: sqlite3.Connection, kind: str, rows: list[tuple[str, str, dict[str, Any]]]
+) -> None:
+    now = _now()
+    for mesh, name, patch in rows:
+        row = db.execute(
+            "SELECT spec, version FROM resources WHERE kind = ? AND mesh = ? AND name = ?",
+            (kind, mesh, name),
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO resources (kind, mesh, name, labels, spec, version, created, updated)"
+                " VALUES (?, ?, ?, '{}', ?, 1, ?, ?)",
+                (kind, mesh, name, encode_spec(patch), now, now),
+            )
+        else:
+            spec = {**json.loads(row[0]), **patch}
+            db.execute(
+                "UPDATE resources SET spec = ?, version = ?, updated = ?"
+                " WHERE kind = ? AND mesh = ? AND name = ?",
+                (encode_spec(spec), int(row[1]) + 1, now, kind, mesh, name),
+            )
 
 
 def _last_change(db: sqlite3.Connection) -> int:

@@ -1,0 +1,489 @@
+"""The distributor: its core's decisions (no I/O), and its service driven through a fake
+store and fake streams (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from meshling.configstream import decode_server
+from meshling.controlplane.distributor import Distributor, DistributorCore, Proxy
+from meshling.controlplane.resources import Dataplane, Inbound, Mesh, MeshTls, Outbound
+from meshling.controlplane.status import STATUS_KIND, StatusWriter
+from meshling.controlplane.store import (
+    RESYNC,
+    AlreadyExists,
+    Change,
+    Conflict,
+    NotFound,
+    Resource,
+    Watch,
+)
+from meshling.policies.traffic_permission import TrafficPermission
+from meshling.policies.traffic_permission import parse_resource as parse_permission
+from meshling.snapshot.model import TlsFiles
+
+TLS = TlsFiles("/c.pem", "/k.pem", "/b.pem")
+
+
+def dataplane(name: str, service: str, *, outbound: str | None = None, n: int = 1) -> Dataplane:
+    return Dataplane(
+        name=name,
+        mesh="default",
+        service=service,
+        address=f"10.0.0.{n}",
+        inbounds=(Inbound(15006, 8080, "http"),),
+        outbounds=(Outbound(15001, outbound, "http"),) if outbound else (),
+    )
+
+
+def permission(name: str, destination: str, source: str) -> TrafficPermission:
+    return parse_permission(
+        {
+            "kind": "TrafficPermission",
+            "metadata": {"name": name, "mesh": "default"},
+            "spec": {
+                "destination": {"service": destination},
+                "rules": [{"action": "allow", "sources": [{"service": source}]}],
+            },
+        },
+        "test",
+    )
+
+
+MTLS = Mesh("default", MeshTls(enabled=True))
+PLAIN = Mesh("default")
+
+
+def core_with(mesh: Mesh, *dataplanes: Dataplane, tls: TlsFiles | None = TLS) -> DistributorCore:
+    core = DistributorCore()
+    core.reset([("Mesh", 1, mesh), *(("Dataplane", 1, d) for d in dataplanes)])
+    for d in dataplanes:
+        core.connect(Proxy((d.mesh, d.name), d, tls))
+    return core
+
+
+# the core
+
+
+def test_distributor_core_pushes_once_per_version() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(MTLS, api, web)
+    first = core.build([("default", "api-1"), ("default", "web-1")])
+    assert [o.key for o in first] == [("default", "api-1"), ("default", "web-1")]
+    for outcome in first:
+        message = decode_server(outcome.frame or "")
+        assert message.version == outcome.version  # type: ignore[union-attr]
+    # nothing changed: nothing to send
+    assert core.build([("default", "api-1"), ("default", "web-1")]) == []
+    assert core.unchanged == 2
+
+
+def test_distributor_core_permission_touches_its_destination_only() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(MTLS, api, web)
+    core.build(list(core.proxies))
+    touched = core.apply(
+        "TrafficPermission", "default", "web-to-api", 1, permission("web-to-api", "api", "web")
+    )
+    assert touched == {("default", "api-1")}
+    [outcome] = core.build(touched)
+    assert outcome.key == ("default", "api-1")
+    # deleting it touches the same proxy (the view still knew where it was)
+    assert core.apply("TrafficPermission", "default", "web-to-api", 1, None) == touched
+
+
+def test_distributor_core_ignores_a_state_older_than_the_one_held() -> None:
+    api = dataplane("api-1", "api")
+    core = core_with(PLAIN, api)
+    moved = dataplane("api-1", "api", n=9)
+    assert core.apply("Dataplane", "default", "api-1", 3, moved) == {("default", "api-1")}
+    assert core.apply("Dataplane", "default", "api-1", 2, api) == set()
+    assert core.dataplane("default", "api-1") == moved
+
+
+def test_distributor_core_a_dataplane_moving_service_touches_both_sides() -> None:
+    api = dataplane("api-1", "api", n=1)
+    web = dataplane("web-1", "web", outbound="api", n=2)
+    db_client = dataplane("cron-1", "cron", outbound="db", n=3)
+    core = core_with(PLAIN, api, web, db_client)
+    moved = dataplane("api-1", "db", n=1)
+    touched = core.apply("Dataplane", "default", "api-1", 2, moved)
+    assert touched == {("default", "api-1"), ("default", "web-1"), ("default", "cron-1")}
+    outcomes = {o.key: o for o in core.build(touched)}
+    snapshot = json.loads(outcomes[("default", "cron-1")].frame or "")["snapshot"]
+    clusters = {c["name"]: c for c in snapshot["clusters"]}
+    assert clusters["db"]["endpoints"] == [{"address": "10.0.0.1", "port": 15006}]
+
+
+def test_distributor_core_refuses_mtls_without_files_and_waits_without_mesh() -> None:
+    api = dataplane("api-1", "api")
+    core = core_with(PLAIN, api, tls=None)
+    assert len(core.build([("default", "api-1")])) == 1
+    touched = core.apply("Mesh", "default", "default", 2, MTLS)
+    [outcome] = core.build(touched)
+    assert outcome.refusal is not None and "tls_paths" in outcome.refusal
+    # the mesh deleted: the proxy keeps what it runs, nothing is sent
+    touched = core.apply("Mesh", "default", "default", 3, None)
+    assert touched == {("default", "api-1")}
+    assert core.build(touched) == []
+
+
+def test_distributor_core_other_meshes_are_untouched() -> None:
+    core = core_with(PLAIN, dataplane("api-1", "api"))
+    other = Dataplane("api-1", "other", "api", "10.0.0.5")
+    core.reset([("Mesh", 1, PLAIN), ("Mesh", 1, Mesh("other")), ("Dataplane", 1, other)])
+    assert core.apply("Mesh", "other", "other", 2, Mesh("other", MeshTls(True))) == set()
+
+
+# the service, on fakes
+
+
+class FakeStore:
+    """An in-memory store: enough of the interface for the distributor."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str, str], Resource] = {}
+        self.watches: list[Watch] = []
+        self.gets = 0
+        self.lists = 0
+        self.patches: list[int] = []
+
+    def _changed(self, kind: str, mesh: str, name: str, version: int, op: Any) -> None:
+        for w in self.watches:
+            w.deliver(Change(kind, mesh, name, version, op))
+
+    async def create(
+        self,
+        kind: str,
+        mesh: str,
+        name: str,
+        spec: dict[str, Any],
+        labels: dict[str, str] | None = None,
+    ) -> Resource:
+        if (kind, mesh, name) in self.items:
+            raise AlreadyExists(kind, mesh, name)
+        now = dt.datetime.now(dt.UTC)
+        resource = Resource(kind, mesh, name, labels or {}, spec, 1, now, now)
+        self.items[(kind, mesh, name)] = resource
+        self._changed(kind, mesh, name, 1, "created")
+        return resource
+
+    async def get(self, kind: str, mesh: str, name: str) -> Resource:
+        self.gets += 1
+        try:
+            return self.items[(kind, mesh, name)]
+        except KeyError:
+            raise NotFound(kind, mesh, name) from None
+
+    async def list(
+        self, kind: str, mesh: str | None = None, selector: dict[str, str] | None = None
+    ) -> list[Resource]:
+        self.lists += 1
+        return [r for (k, m, _), r in sorted(self.items.items()) if k == kind and mesh in (None, m)]
+
+    async def update(
+        self,
+        kind: str,
+        mesh: str,
+        name: str,
+        spec: dict[str, Any],
+        labels: dict[str, str] | None = None,
+        *,
+        version: int,
+    ) -> Resource:
+        old = await self.get(kind, mesh, name)
+        if old.version != version:
+            raise Conflict(kind, mesh, name, current=old.version, given=version)
+        resource = Resource(
+            kind,
+            mesh,
+            name,
+            old.labels if labels is None else labels,
+            spec,
+            version + 1,
+            old.created,
+            dt.datetime.now(dt.UTC),
+        )
+        self.items[(kind, mesh, name)] = resource
+        self._changed(kind, mesh, name, version + 1, "updated")
+        return resource
+
+    async def delete(self, kind: str, mesh: str, name: str, *, version: int | None = None) -> None:
+        old = self.items.pop((kind, mesh, name))
+        self._changed(kind, mesh, name, old.version, "deleted")
+
+    async def patch_many(
+        self, kind: str, patches: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        self.patches.append(len(patches))
+        now = dt.datetime.now(dt.UTC)
+        for mesh, name, patch in patches:
+            old = self.items.get((kind, mesh, name))
+            spec = {**(old.spec if old else {}), **patch}
+            version = old.version + 1 if old else 1
+            self.items[(kind, mesh, name)] = Resource(kind, mesh, name, {}, spec, version, now, now)
+
+    async def watch(self) -> Watch:
+        w = Watch(self.watches.remove)
+        self.watches.append(w)
+        return w
+
+    async def close(self) -> None:
+        for w in self.watches:
+            w.end()
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.offered: list[str] = []
+        self.refused: tuple[str, str, int] | None = None
+
+    def offer(self, version: str, frame: str) -> None:
+        self.offered.append(version)
+
+    def refuse(self, reason: str, message: str, code: int) -> None:
+        self.refused = (reason, message, code)
+
+
+def document(d: Dataplane) -> dict[str, Any]:
+    return {
+        "service": d.service,
+        "address": d.address,
+        "inbounds": [
+            {"port": i.port, "service_port": i.service_port, "protocol": i.protocol}
+            for i in d.inbounds
+        ],
+        "outbounds": [
+            {"port": o.port, "service": o.service, "protocol": o.protocol} for o in d.outbounds
+        ],
+    }
+
+
+async def started(store: FakeStore) -> Distributor:
+    distributor = Distributor(
+        store,  # type: ignore[arg-type]
+        StatusWriter(store, flush_interval=0.01),  # type: ignore[arg-type]
+        replica="r1",
+        offline_after=30,
+    )
+    await distributor.start()
+    return distributor
+
+
+async def settle(seconds: float = 0.15) -> None:
+    await asyncio.sleep(seconds)
+
+
+def test_distributor_coalesces_a_burst_into_one_build_per_proxy() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        streams = {}
+        for n in range(20):
+            d = dataplane(f"api-{n}", "api", n=n + 1)
+            resource = await store.create("Dataplane", "default", d.name, document(d))
+            streams[d.name] = FakeStream()
+            distributor.register(
+                d,
+                resource.version,
+                None,
+                service="api",
+                jti="j",
+                stream=streams[d.name],
+                applied=None,
+            )
+        await settle()
+        assert all(len(s.offered) == 1 for s in streams.values())
+        builds = distributor.core.builds
+        # a burst of 50 permissions, each touching every api proxy
+        for n in range(50):
+            await store.create(
+                "TrafficPermission",
+                "default",
+                f"p{n}",
+                {
+                    "destination": {"service": "api"},
+                    "rules": [{"action": "allow", "sources": [{"service": f"s{n}"}]}],
+                },
+            )
+        await settle()
+        # one rebuild per proxy, not 50; mTLS is off, so permissions change no snapshot
+        assert distributor.core.builds - builds == 20
+        assert all(len(s.offered) == 1 for s in streams.values())
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_pushes_a_change_to_the_affected_proxies_only() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        streams = {}
+        for d in (
+            dataplane("api-1", "api", n=1),
+            dataplane("web-1", "web", outbound="api", n=2),
+            dataplane("db-1", "db", n=3),
+        ):
+            resource = await store.create("Dataplane", "default", d.name, document(d))
+            streams[d.name] = FakeStream()
+            distributor.register(
+                d,
+                resource.version,
+                None,
+                service=d.service,
+                jti="j",
+                stream=streams[d.name],
+                applied=None,
+            )
+        await settle()
+        before = {name: len(s.offered) for name, s in streams.items()}
+        # a second api instance: web gets a new endpoint; db and api-1 are untouched
+        api2 = dataplane("api-2", "api", n=4)
+        await store.create("Dataplane", "default", "api-2", document(api2))
+        await settle()
+        after = {name: len(s.offered) for name, s in streams.items()}
+        assert after == {**before, "web-1": before["web-1"] + 1}
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_resync_relists_and_pushes_what_was_missed() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        web = dataplane("web-1", "web", outbound="api", n=2)
+        resource = await store.create("Dataplane", "default", "web-1", document(web))
+        stream = FakeStream()
+        distributor.register(
+            web, resource.version, None, service="web", jti="j", stream=stream, applied=None
+        )
+        await settle()
+        pushes = len(stream.offered)
+        # a write the watch never reports (as while a PostgreSQL listener was down)
+        watches, store.watches = store.watches, []
+        await store.create("Dataplane", "default", "api-1", document(dataplane("api-1", "api")))
+        store.watches = watches
+        await settle()
+        assert len(stream.offered) == pushes
+        for w in store.watches:
+            w.deliver(RESYNC)
+        await settle()
+        assert len(stream.offered) == pushes + 1
+        assert distributor.resyncs == 2  # the start, and this one
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_status_is_batched_and_ignored_by_the_builder() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        sessions = []
+        for n in range(100):
+            d = dataplane(f"api-{n}", "api", n=n + 1)
+            resource = await store.create("Dataplane", "default", d.name, document(d))
+            stream = FakeStream()
+            sessions.append(
+                distributor.register(
+                    d, resource.version, None, service="api", jti="j", stream=stream, applied=None
+                )
+            )
+        await settle()
+        builds = distributor.core.builds
+        store.patches.clear()
+        for session in sessions:
+            assert distributor.ack(session, session.pushed[-1])
+        assert not distributor.ack(sessions[0], "not-pushed")
+        await settle()
+        assert store.patches == [100]  # one transaction for a hundred ACKs
+        assert distributor.core.builds == builds  # status writes trigger no rebuild
+        status = store.items[(STATUS_KIND, "default", "api-0")].spec
+        assert status["applied"] == sessions[0].pushed[-1]
+        assert status["connected"] is True and status["replica"] == "r1"
+        distributor.nack(sessions[1], sessions[1].pushed[-1], "port in use")
+        distributor.unregister(sessions[2])
+        await settle()
+        assert store.items[(STATUS_KIND, "default", "api-1")].spec["last_nack"]["reason"] == (
+            "port in use"
+        )
+        assert store.items[(STATUS_KIND, "default", "api-2")].spec["connected"] is False
+        await distributor.close()
+        assert store.items[(STATUS_KIND, "default", "api-3")].spec["connected"] is False
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_a_second_stream_supersedes_the_first() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        d = dataplane("api-1", "api")
+        resource = await store.create("Dataplane", "default", "api-1", document(d))
+        first, second = FakeStream(), FakeStream()
+        old = distributor.register(
+            d, resource.version, None, service="api", jti="j", stream=first, applied=None
+        )
+        distributor.register(
+            d, resource.version, None, service="api", jti="j", stream=second, applied=None
+        )
+        assert first.refused is not None and first.refused[2] == 4409
+        distributor.unregister(old)  # the old stream's end must not mark it disconnected
+        await settle()
+        assert store.items[(STATUS_KIND, "default", "api-1")].spec["connected"] is True
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_revocation_closes_the_streams_of_that_token() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        distributor = await started(store)
+        d = dataplane("api-1", "api")
+        resource = await store.create("Dataplane", "default", "api-1", document(d))
+        stream = FakeStream()
+        distributor.register(
+            d, resource.version, None, service="api", jti="abc", stream=stream, applied=None
+        )
+        await store.create("TokenRevocation", "default", "abc", {"jti": "abc"})
+        await settle()
+        assert stream.refused is not None and stream.refused[:1] == ("unauthenticated",)
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+@pytest.mark.parametrize("proxies", [1000])
+def test_distributor_core_rebuilds_a_thousand_proxies_quickly(proxies: int) -> None:
+    """A permission touching every proxy of a 1000-proxy mesh: the build cost behind the
+    p99 <= 1 s target (measured end to end over sockets in test_cp_scale)."""
+    import time
+
+    dataplanes = [
+        dataplane(f"svc{n % 50}-{n}", f"svc{n % 50}", outbound=f"svc{(n + 1) % 50}", n=n % 250)
+        for n in range(proxies)
+    ]
+    core = core_with(MTLS, *dataplanes)
+    core.build(list(core.proxies))
+    touched = core.apply("TrafficPermission", "default", "all", 1, permission("all", "*", "svc1"))
+    assert len(touched) == proxies
+    start = time.perf_counter()
+    outcomes = core.build(touched)
+    elapsed = time.perf_counter() - start
+    assert len(outcomes) == proxies
+    assert elapsed < 2.0, f"{elapsed:.2f}s to rebuild {proxies} snapshots"
