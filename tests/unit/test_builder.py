@@ -158,6 +158,66 @@ def test_build_dataplane_without_traffic_has_only_the_admin_listener() -> None:
     assert (snapshot.admin.address, snapshot.admin.port) == ("127.0.0.1", 9901)
 
 
+# -- tag sources
+
+
+def web_rules(document: dict[str, Any]) -> dict[str, list[str]]:
+    """The identities of each authz rule of web's inbound, by rule name."""
+    authz = document["listeners"][0]["filter_chains"][0]["authz"]
+    return {rule["name"]: rule["identities"] for rule in authz["rules"]}
+
+
+def test_build_tag_allow_needs_every_dataplane_of_a_service() -> None:
+    mesh, dataplanes, policies = load()
+    web = named(dataplanes, "web")
+    # db's one instance and web's are in zone a: both allowed; api-2 is in zone b
+    assert web_rules(build(web, mesh, dataplanes, policies, tls_paths("web")))["web-by-tags/1"] == [
+        "spiffe://default/db",
+        "spiffe://default/web",
+    ]
+    # a second db instance without the tag: db is no longer selected
+    untagged = Dataplane(name="db-2", mesh="default", service="db", address="10.0.0.20")
+    rules = web_rules(build(web, mesh, [*dataplanes, untagged], policies, tls_paths("web")))
+    assert rules["web-by-tags/1"] == ["spiffe://default/web"]
+
+
+def test_build_tag_deny_needs_any_dataplane_of_a_service() -> None:
+    mesh, dataplanes, policies = load()
+    web = named(dataplanes, "web")
+    assert web_rules(build(web, mesh, dataplanes, policies, tls_paths("web")))["web-by-tags/0"] == [
+        "spiffe://default/api"
+    ]
+    # no api instance of v2 left: the deny matches nobody, and stays visible
+    v1 = [
+        dataclasses.replace(d, tags={"version": "v1"}) if d.service == "api" else d
+        for d in dataplanes
+    ]
+    document = build(web, mesh, v1, policies, tls_paths("web"))
+    assert web_rules(document)["web-by-tags/0"] == []
+    authz = from_dict(document).listeners[0].filter_chains[0].authz
+    assert authz is not None
+    (rule,) = [r for r in authz.rules if r.name == "web-by-tags/0"]
+    assert rule.identities == () and rule.tag_sources[0].service == "api"
+
+
+def test_build_tags_of_other_meshes_are_ignored() -> None:
+    mesh, dataplanes, policies = load()
+    web = named(dataplanes, "web")
+    elsewhere = Dataplane(name="db-9", mesh="staging", service="db", address="10.0.0.30")
+    assert build(web, mesh, [*dataplanes, elsewhere], policies, tls_paths("web")) == build(
+        web, mesh, dataplanes, policies, tls_paths("web")
+    )
+
+
+def test_build_counts_the_dataplane_itself_even_when_not_listed() -> None:
+    mesh, dataplanes, policies = load()
+    web = named(dataplanes, "web")
+    others = [d for d in dataplanes if d.name != "web"]
+    assert build(web, mesh, others, policies, tls_paths("web")) == build(
+        web, mesh, dataplanes, policies, tls_paths("web")
+    )
+
+
 # -- determinism and versions
 
 
@@ -284,8 +344,10 @@ def test_build_refuses_a_dataplane_of_another_mesh() -> None:
         ("Mesh", "staging", set()),
         ("Dataplane", "web", {"web"}),  # nobody calls web
         ("Dataplane", "api-1", {"api-1", "web"}),
-        ("Dataplane", "db", {"db", "api-1", "api-2"}),
+        # api calls db; web-by-tags selects by tags from every service, db included
+        ("Dataplane", "db", {"db", "api-1", "api-2", "web"}),
         ("TrafficPermission", "api-from-web", {"api-1", "api-2"}),
+        ("TrafficPermission", "web-by-tags", {"web"}),
         ("TrafficPermission", "db-from-api", {"db"}),
         ("TrafficPermission", "ops-everywhere", {"web", "api-1", "api-2", "db"}),
         ("TrafficPermission", "api-from-batch", set()),  # another mesh
@@ -330,10 +392,15 @@ MUTATIONS: list[tuple[str, str, Any]] = [
     ("Dataplane", "db", lambda d: dataclasses.replace(d, inbounds=(Inbound(15433, 5432),))),
     ("Dataplane", "web", lambda d: dataclasses.replace(d, admin_port=9999)),
     ("Dataplane", "api-1", lambda d: dataclasses.replace(d, service="db")),
+    # tags: api-2 joins zone a, so all of api is in zone a; db leaves it
+    ("Dataplane", "api-2", lambda d: dataclasses.replace(d, tags={"version": "v2", "zone": "a"})),
+    ("Dataplane", "db", lambda d: dataclasses.replace(d, tags={"zone": "b"})),
 ]
 
 
-@pytest.mark.parametrize(("kind", "name", "change"), MUTATIONS, ids=[m[1] for m in MUTATIONS])
+@pytest.mark.parametrize(
+    ("kind", "name", "change"), MUTATIONS, ids=[f"{m[1]}-{i}" for i, m in enumerate(MUTATIONS)]
+)
 def test_affected_covers_every_snapshot_a_dataplane_change_alters(
     kind: str, name: str, change: Any
 ) -> None:
@@ -343,6 +410,37 @@ def test_affected_covers_every_snapshot_a_dataplane_change_alters(
     altered = {n for n in NAMES if before[n] != after[n]}
     assert altered  # the mutation matters to someone
     assert altered <= affected(kind, name, [*dataplanes, *changed], policies)
+
+
+def test_affected_created_and_deleted_dataplanes_touch_tag_permissions() -> None:
+    mesh, dataplanes, policies = load()
+    # created: a db instance in zone b un-selects db from web's allow by zone a
+    created = Dataplane(
+        name="db-2", mesh="default", service="db", address="10.0.0.20", tags={"zone": "b"}
+    )
+    before, after = (
+        build_all(mesh, dataplanes, policies),
+        build_all(mesh, [*dataplanes, created], policies),
+    )
+    altered = {n for n in NAMES if before[n] != after[n]}
+    assert "web" in altered
+    assert altered <= affected("Dataplane", "db-2", [*dataplanes, created], policies)
+    # api-2 deleted: every api instance left is in zone a, and web's allow selects api
+    remaining = [d for d in dataplanes if d.name != "api-2"]
+    after = build_all(mesh, remaining, policies)
+    altered = {n for n in NAMES if n != "api-2" and before[n] != after[n]}
+    assert "web" in altered
+    assert altered <= affected("Dataplane", "api-2", dataplanes, policies)
+
+
+def test_affected_tag_source_naming_a_service_ignores_other_services() -> None:
+    _, dataplanes, policies = load()
+    only_api = [p for p in policies if p.name != "web-by-tags"]
+    (by_tags,) = [p for p in policies if p.name == "web-by-tags"]
+    # keep only the rule whose tag source names api
+    only_api.append(dataclasses.replace(by_tags, rules=by_tags.rules[:1]))
+    assert affected("Dataplane", "db", dataplanes, only_api) == {"db", "api-1", "api-2"}
+    assert affected("Dataplane", "api-2", dataplanes, only_api) == {"api-2", "web"}
 
 
 def test_affected_covers_every_snapshot_a_permission_change_alters() -> None:

@@ -4,7 +4,8 @@ files), the fragment's own validation, and the per-connection decision.
 Golden files live in `src/meshling/policies/traffic_permission/testdata/`:
 `<case>.policies.yaml` holds resources (several YAML documents), and
 `<case>.<service>.authz.yaml` the `to_dict()` form of `to_snapshot(resources, service,
-"default")`. Run with MESHLING_UPDATE_GOLDEN=1 to rewrite the outputs after a deliberate
+"default", instances)`, where `instances` (the dataplanes' tags by service, which tag
+sources resolve against) is `<case>.instances.yaml` if there is one. Run with MESHLING_UPDATE_GOLDEN=1 to rewrite the outputs after a deliberate
 change, then read the diff.
 """
 
@@ -48,6 +49,7 @@ GOLDEN = [
     ("merge", "db"),
     ("merge", "web"),
     ("shadow", "api"),
+    ("tags", "api"),
 ]
 
 
@@ -55,6 +57,14 @@ def load_policies(case: str) -> list[TrafficPermission]:
     path = TESTDATA / f"{case}.policies.yaml"
     with path.open(encoding="utf-8") as f:
         return [parse_resource(doc, str(path)) for doc in yaml.safe_load_all(f)]
+
+
+def load_instances(case: str) -> dict[str, list[dict[str, str]]] | None:
+    path = TESTDATA / f"{case}.instances.yaml"
+    if not path.exists():
+        return None
+    instances: dict[str, list[dict[str, str]]] = yaml.safe_load(path.read_text())
+    return instances
 
 
 def authz_node(document: Any) -> _Node:
@@ -88,11 +98,13 @@ def resource() -> dict[str, Any]:
 
 @pytest.mark.parametrize(("case", "service"), GOLDEN, ids=[f"{c}.{s}" for c, s in GOLDEN])
 def test_to_snapshot_matches_golden(case: str, service: str) -> None:
-    config = to_snapshot(load_policies(case), service, MESH)
+    config = to_snapshot(load_policies(case), service, MESH, load_instances(case))
     golden = TESTDATA / f"{case}.{service}.authz.yaml"
     if os.environ.get("MESHLING_UPDATE_GOLDEN"):
+        instances = f", {case}.instances.yaml" if load_instances(case) is not None else ""
         header = (
-            f"# to_snapshot({case}.policies.yaml, destination_service={service!r}, mesh={MESH!r})\n"
+            f"# to_snapshot({case}.policies.yaml, destination_service={service!r}, "
+            f"mesh={MESH!r}{instances})\n"
         )
         golden.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False))
     expected = yaml.safe_load(golden.read_text(encoding="utf-8"))
@@ -103,7 +115,7 @@ def test_to_snapshot_matches_golden(case: str, service: str) -> None:
 def test_authz_config_from_dict_reads_golden(case: str, service: str) -> None:
     golden = yaml.safe_load((TESTDATA / f"{case}.{service}.authz.yaml").read_text())
     assert AuthzConfig.from_dict(authz_node(golden)) == to_snapshot(
-        load_policies(case), service, MESH
+        load_policies(case), service, MESH, load_instances(case)
     )
 
 
@@ -151,6 +163,18 @@ def test_parse_resource_builds_the_resource() -> None:
             ),
         ),
         shadow=False,
+    )
+
+
+def test_parse_resource_builds_tag_sources_sorted_by_key() -> None:
+    doc = resource()
+    doc["spec"]["rules"][0]["sources"] = [
+        {"tags": {"zone": "a", "version": "v1"}},
+        {"service": "web", "tags": {"version": "v1"}},
+    ]
+    assert parse_resource(doc, "p.yaml").rules[0].sources == (
+        Source(tags=(("version", "v1"), ("zone", "a"))),
+        Source(service="web", tags=(("version", "v1"),)),
     )
 
 
@@ -209,12 +233,47 @@ SRC0 = "spec.rules[0].sources[0]"
         (
             lambda d: d["spec"]["rules"][0]["sources"].append({}),
             "spec.rules[0].sources[3]",
-            "give exactly one of service, identity",
+            "give one of service, identity or tags",
         ),
         (
             lambda d: d["spec"]["rules"][0]["sources"][0].update(identity="spiffe://default/x"),
             SRC0,
-            "give exactly one of service, identity",
+            "give one of service, identity or tags",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][1].update(tags={"zone": "a"}),
+            "spec.rules[0].sources[1]",
+            "give one of service, identity or tags (tags may come with a service)",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][0].update(tags={}),
+            f"{SRC0}.tags",
+            "give at least one tag",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][0].update(tags=["zone=a"]),
+            f"{SRC0}.tags",
+            "expected a mapping, got a list",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][0].update(tags={"zone": 1}),
+            f"{SRC0}.tags.zone",
+            "expected a string, got int",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][0].update(tags={"zo ne": "a"}),
+            f"{SRC0}.tags.zo ne",
+            "invalid key 'zo ne'",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][0].update(tags={"service": "web"}),
+            f"{SRC0}.tags.service",
+            "the service is not a tag: write it beside the tags",
+        ),
+        (
+            lambda d: d["spec"]["rules"][0]["sources"][2].update(tags={"zone": "a"}),
+            "spec.rules[0].sources[2].service",
+            'service "*" with tags selects no more than the tags alone',
         ),
         (
             lambda d: d["spec"]["rules"][0]["sources"][0].update(tag="v1"),
@@ -329,6 +388,21 @@ def test_authz_config_round_trips_through_to_dict() -> None:
             "at least one of identities, prefixes",
         ),
         (
+            lambda d: d["rules"][0].update(tag_sources=[{"zone": "a"}]),
+            "rules[0].tag_sources[0].zone",
+            "unknown field",
+        ),
+        (
+            lambda d: d["rules"][0].update(tag_sources=[{"service": "web"}]),
+            "rules[0].tag_sources[0].tags",
+            "required field is missing",
+        ),
+        (
+            lambda d: d["rules"][0].update(tag_sources=[{"tags": {}}]),
+            "rules[0].tag_sources[0].tags",
+            "give at least one tag",
+        ),
+        (
             lambda d: d["rules"].append(copy.deepcopy(d["rules"][0])),
             "rules[1].name",
             "duplicate rule name 'web-to-api/0'",
@@ -342,6 +416,119 @@ def test_authz_config_from_dict_rejects_invalid(edit: Any, path: str, reason: st
         AuthzConfig.from_dict(authz_node(doc))
     assert (err.value.source, err.value.path) == ("snap.yaml", f"{AUTHZ}.{path}")
     assert reason in err.value.reason
+
+
+def test_authz_config_rule_resolved_to_nobody_round_trips() -> None:
+    # tag sources that selected no service: no identities, and the sources kept
+    doc = authz_doc()
+    doc["rules"][0].update(identities=[], prefixes=[], tag_sources=[{"tags": {"zone": "c"}}])
+    config = AuthzConfig.from_dict(authz_node(doc))
+    assert config.rules[0].tag_sources == (Source(tags=(("zone", "c"),)),)
+    assert config.to_dict() == doc
+    assert decide(config, WEB) == Decision(False, "default")
+
+
+def test_authz_rule_without_tag_sources_omits_the_field() -> None:
+    assert "tag_sources" not in AuthzConfig.from_dict(authz_node(authz_doc())).to_dict()["rules"][0]
+
+
+# -- tag sources, resolved against the dataplanes' tags
+
+
+def tags_permission(action: Action, *sources: dict[str, Any], shadow: bool = False) -> Any:
+    doc = resource()
+    doc["spec"]["rules"] = [{"action": action, "sources": list(sources)}]
+    doc["spec"]["shadow"] = shadow
+    return parse_resource(doc, "p.yaml")
+
+
+INSTANCES = {
+    "web": [{"version": "v1", "zone": "a"}, {"version": "v2", "zone": "a"}],
+    "batch": [{"version": "v1", "zone": "b"}],
+    "idle": [],
+}
+
+
+def identities(config: AuthzConfig) -> list[tuple[str, ...]]:
+    return [r.identities for r in config.rules]
+
+
+def test_to_snapshot_tag_allow_needs_every_dataplane_of_the_service() -> None:
+    # web has an instance of v2: allowing web's identity would let it in too
+    allow_v1 = tags_permission("allow", {"tags": {"version": "v1"}})
+    assert identities(to_snapshot([allow_v1], "api", MESH, INSTANCES)) == [
+        ("spiffe://default/batch",)
+    ]
+    allow_a = tags_permission("allow", {"tags": {"zone": "a"}})
+    assert identities(to_snapshot([allow_a], "api", MESH, INSTANCES)) == [("spiffe://default/web",)]
+
+
+def test_to_snapshot_tag_deny_needs_any_dataplane_of_the_service() -> None:
+    deny_v2 = tags_permission("deny", {"tags": {"version": "v2"}})
+    assert identities(to_snapshot([deny_v2], "api", MESH, INSTANCES)) == [("spiffe://default/web",)]
+    deny_v1 = tags_permission("deny", {"tags": {"version": "v1"}})
+    # sorted by service name, whatever the order of the registry
+    assert identities(to_snapshot([deny_v1], "api", MESH, INSTANCES)) == [
+        ("spiffe://default/batch", "spiffe://default/web")
+    ]
+
+
+def test_to_snapshot_tag_source_with_service_selects_that_service_only() -> None:
+    deny = tags_permission("deny", {"service": "batch", "tags": {"version": "v1"}})
+    assert identities(to_snapshot([deny], "api", MESH, INSTANCES)) == [("spiffe://default/batch",)]
+    unknown = tags_permission("deny", {"service": "nowhere", "tags": {"version": "v1"}})
+    assert identities(to_snapshot([unknown], "api", MESH, INSTANCES)) == [()]
+
+
+def test_to_snapshot_tag_source_every_tag_must_match() -> None:
+    allow = tags_permission("allow", {"tags": {"version": "v1", "zone": "a"}})
+    assert identities(to_snapshot([allow], "api", MESH, INSTANCES)) == [()]
+    deny = tags_permission("deny", {"tags": {"version": "v2", "zone": "a"}})
+    assert identities(to_snapshot([deny], "api", MESH, INSTANCES)) == [("spiffe://default/web",)]
+
+
+def test_to_snapshot_service_without_dataplanes_is_never_selected() -> None:
+    # "every dataplane" of none would be vacuously true: an allow must not select it
+    for action in ("allow", "deny"):
+        config = to_snapshot([tags_permission(action, {"tags": {"x": "y"}})], "api", MESH, {})
+        assert identities(config) == [()]
+        config = to_snapshot(
+            [tags_permission(action, {"service": "idle", "tags": {"x": "y"}})],
+            "api",
+            MESH,
+            INSTANCES,
+        )
+        assert identities(config) == [()]
+
+
+def test_to_snapshot_shadow_tag_source_resolves_by_its_action() -> None:
+    shadow_deny = tags_permission("deny", {"tags": {"version": "v2"}}, shadow=True)
+    (rule,) = to_snapshot([shadow_deny], "api", MESH, INSTANCES).rules
+    assert rule.shadow and rule.identities == ("spiffe://default/web",)
+
+
+def test_to_snapshot_without_instances_tag_sources_match_nobody() -> None:
+    # standalone: nothing to resolve tags from, so an allow grants nothing and a deny
+    # denies nothing; the rule stays, with its tag sources, to be read
+    allow = tags_permission("allow", {"tags": {"version": "v1"}}, {"service": "ops"})
+    config = to_snapshot([allow], "api", MESH)
+    (rule,) = config.rules
+    assert rule.identities == ("spiffe://default/ops",)
+    assert rule.tag_sources == (Source(tags=(("version", "v1"),)),)
+    assert decide(config, "spiffe://default/web") == Decision(False, "default")
+    deny = tags_permission("deny", {"tags": {"version": "v1"}})
+    config = AuthzConfig(to_snapshot([deny], "api", MESH).rules, default_action="allow")
+    assert config.rules[0].identities == ()
+    assert decide(config, "spiffe://default/web") == Decision(True, "default")
+    assert AuthzConfig.from_dict(authz_node(config.to_dict())) == config
+
+
+def test_to_snapshot_tags_golden_decisions() -> None:
+    config = to_snapshot(load_policies("tags"), "api", MESH, load_instances("tags"))
+    assert decide(config, "spiffe://default/ops") == Decision(False, "api-by-tags/0")
+    assert decide(config, "spiffe://default/web") == Decision(True, "api-by-tags/1")
+    assert decide(config, "spiffe://default/batch") == Decision(True, "api-by-tags/1")
+    assert decide(config, "spiffe://default/other") == Decision(False, "default")
 
 
 # -- the decision

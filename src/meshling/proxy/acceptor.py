@@ -5,6 +5,11 @@ plaintext on one port, so TLS listeners accept sockets themselves. In
 permissive mode the first byte decides (a TLS record starts with 0x16, a
 handshake); it is read with MSG_PEEK, so the bytes stay in the socket for the
 protocol that takes it over. Every refused handshake is counted by reason.
+
+A TLS connection that arrives after the proxy's own certificate expired is closed
+before any handshake (`own_certificate_expired`): a listener that cannot prove who it is
+serves no new TLS client. Plaintext on a permissive port needs no certificate and is
+served as before.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -60,6 +66,9 @@ class TlsAcceptor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # as the plaintext listeners: a new proxy process binds the same port while
+            # the old one drains, so a restart in place refuses no connection
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.address, config.port))
             sock.listen(1024)
         except OSError:
@@ -101,6 +110,10 @@ class TlsAcceptor:
                     conn.close()
                     return
                 use_tls = first[0] == TLS_HANDSHAKE
+            if use_tls and tls.own.expired(time.time()):
+                tls.own.refuse()
+                conn.close()
+                return
             if use_tls:
                 handshake = self.loop.create_future()
                 tls_protocol = AlertingTlsProtocol(

@@ -2,6 +2,10 @@
 
 Pools are keyed by endpoint and shared by every snapshot the proxy has run,
 so a reload that keeps an endpoint keeps its warm keep-alive connections.
+
+A TLS cluster whose own certificate has expired sends nothing new: it reuses no pooled
+connection and opens none (`ConnectError` with status 503 and reason
+`own_certificate_expired`), until a reload brings a valid certificate.
 """
 
 from __future__ import annotations
@@ -142,6 +146,9 @@ class ClusterRuntime:
         return self.balancer.pick()
 
     def take_idle(self, endpoint: Endpoint) -> Pooled | None:
+        tls = self.tls
+        if tls is not None and tls.own.expired(time.time()):
+            return None  # `connect` refuses, and counts
         return self.pools.pool((endpoint, self.config.tls)).take(
             self.pools.clock(), self.config.idle_timeout
         )
@@ -162,6 +169,13 @@ class ClusterRuntime:
     ) -> asyncio.Protocol:
         """Open a TCP connection, counting failures by reason; raises ConnectError."""
         tls = self.tls
+        if tls is not None and tls.own.expired(time.time()):
+            from meshling.proxy.tls import OWN_CERTIFICATE_EXPIRED
+
+            # Fail closed: no handshake with a certificate the peer must refuse.
+            tls.own.refuse()
+            self._fail("tls")
+            raise ConnectError(OWN_CERTIFICATE_EXPIRED, endpoint, status=503)
         try:
             transport, protocol = await asyncio.wait_for(
                 self.loop.create_connection(
@@ -206,7 +220,14 @@ class ClusterRuntime:
 
 
 class ConnectError(Exception):
-    def __init__(self, reason: str, endpoint: Endpoint) -> None:
+    """No connection to an endpoint: why, and the local reply it deserves.
+
+    `status` is 502 when the endpoint failed, 503 when the proxy would not try (its own
+    certificate expired); for the latter, `reason` is also the `x-meshling-error`.
+    """
+
+    def __init__(self, reason: str, endpoint: Endpoint, status: int = 502) -> None:
         super().__init__(f"connect to {endpoint} failed: {reason}")
         self.reason = reason
         self.endpoint = endpoint
+        self.status = status

@@ -9,7 +9,8 @@ full write buffer on one side pauses reading on the other.
 Errors the proxy produces itself carry ``x-meshling-error`` naming the reason:
 400/4xx for malformed requests (connection closed, nothing forwarded), 404
 ``route_not_found``, 502 ``upstream_connect_failure``/``upstream_reset``/
-``upstream_protocol_error``, 503 ``no_endpoint``, 504 ``upstream_timeout``.
+``upstream_protocol_error``, 503 ``no_endpoint``/``own_certificate_expired``, 504
+``upstream_timeout``.
 """
 
 from __future__ import annotations
@@ -470,10 +471,14 @@ class Exchange:
         assert cluster is not None and endpoint is not None
         try:
             protocol = await cluster.connect(endpoint, lambda: HttpUpstream(cluster, endpoint))
-        except ConnectError:
+        except ConnectError as exc:
             self.connect_task = None
             if not self.finished:
-                self.local_reply(502, "upstream_connect_failure", close=not self.request_done)
+                if exc.status == 503:
+                    # the proxy would not try (its own certificate expired): say why
+                    self.local_reply(503, exc.reason, close=not self.request_done)
+                else:
+                    self.local_reply(502, "upstream_connect_failure", close=not self.request_done)
             return
         except asyncio.CancelledError:
             return

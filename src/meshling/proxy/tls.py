@@ -7,11 +7,22 @@ the SPIFFE X.509-SVID rules (one URI SAN, trust domain, leaf not a CA, the
 expected identity) are checked on top, since OpenSSL knows nothing of them.
 The proxy's own certificate is checked by the same rules when the context is
 built: with no valid certificate, the listener or cluster does not start.
+
+It can also expire while the proxy runs, with nobody replacing it. Then the proxy fails
+closed on everything new: an inbound refuses new TLS handshakes, a cluster opens no
+connection and takes no idle one from its pool, both counted as handshake failures with
+reason `own_certificate_expired` (and logged once). What is under way is not cut:
+requests in flight finish, and an inbound's open connections keep serving, since they
+were authenticated while the certificate was valid, as TLS sessions are. The check is a
+comparison with the certificate's cached `notAfter`, per new connection or request, not
+a file read; when a valid certificate is written over the old one, the file watch
+reloads the snapshot and service resumes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +41,10 @@ from meshling.telemetry.metrics import TlsStats
 
 # TLS 1.2 suites with forward secrecy and AEAD only (TLS 1.3's suites are all of that kind).
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# the handshake failure reason, and the x-meshling-error, of an expired own certificate
+OWN_CERTIFICATE_EXPIRED = "own_certificate_expired"
+
+log = logging.getLogger("meshling.proxy")
 
 
 class TlsConfigError(Exception):
@@ -103,6 +118,35 @@ def _own_identity(files: TlsFiles, bundle: Bundle, field: str) -> tuple[SpiffeId
     return identity, chain[0].not_valid_after_utc
 
 
+class OwnCertificate:
+    """The proxy's own certificate's end of validity, for a check per new connection."""
+
+    def __init__(self, expiry: dt.datetime, stats: TlsStats, where: str) -> None:
+        # notAfter as a Unix time: the certificate is valid up to and including it
+        self.not_after = expiry.timestamp()
+        self.stats = stats
+        self.where = where
+        self._reported = False
+        stats.certificate_expiry = self.not_after
+
+    def expired(self, now: float) -> bool:
+        """Whether the certificate has expired at `now` (a Unix time)."""
+        return now > self.not_after
+
+    def refuse(self) -> None:
+        """Count a connection refused because the certificate expired; log the first."""
+        self.stats.fail(OWN_CERTIFICATE_EXPIRED)
+        if not self._reported:
+            self._reported = True
+            expiry = dt.datetime.fromtimestamp(self.not_after, dt.UTC)
+            log.error(
+                "%s: the proxy's own certificate expired at %s: no new TLS connections "
+                "until a valid one is written to its file",
+                self.where,
+                f"{expiry:%Y-%m-%dT%H:%M:%SZ}",
+            )
+
+
 class ServerTls:
     """An inbound filter chain's TLS: the context, and who the client is."""
 
@@ -112,7 +156,7 @@ class ServerTls:
             ssl.PROTOCOL_TLS_SERVER, config.files, field, ("http/1.1",)
         )
         self.stats = stats
-        stats.certificate_expiry = expiry.timestamp()
+        self.own = OwnCertificate(expiry, stats, field)
 
     def peer(self, transport: Any) -> tuple[bool, bytes | None]:
         """Whether to serve a new connection, and the client's verified SPIFFE ID.
@@ -142,7 +186,7 @@ class ClientTls:
             ssl.PROTOCOL_TLS_CLIENT, config.files, field, config.alpn
         )
         self.stats = stats
-        stats.certificate_expiry = expiry.timestamp()
+        self.own = OwnCertificate(expiry, stats, field)
         try:
             self.expected = SpiffeId.parse(config.identity) if config.identity else None
         except SpiffeIdError as exc:

@@ -5,7 +5,10 @@ What a snapshot reads, and so what touches it:
 
 * **Mesh**: mTLS on every listener and cluster — every dataplane of the mesh;
 * **Dataplane**: its own listeners, and the endpoints of every cluster of its service —
-  itself and every dataplane of the mesh with an outbound to its service;
+  itself and every dataplane of the mesh with an outbound to its service; and, since its
+  service and tags are what tag sources are resolved from, the inbound `authz` of the
+  destinations of every permission of its mesh with a tag source that can select its
+  service (one naming that service, or none);
 * **TrafficPermission**: the `authz` of the inbounds of its destination service —
   the dataplanes of that service, or of every service for `*`.
 
@@ -42,6 +45,7 @@ def affected(
     builder does not read.
     """
     dataplanes = list(dataplanes)
+    policies = list(policies)
     if change_kind == MESH_KIND:
         return {d.name for d in dataplanes if d.mesh == change_name}
     if change_kind == DATAPLANE_KIND:
@@ -54,6 +58,21 @@ def affected(
                 d.name
                 for d in dataplanes
                 if d.mesh == changed.mesh and any(o.service == changed.service for o in d.outbounds)
+            }
+            # Any change of a service's set of dataplanes or of their tags can flip a tag
+            # source (a new untagged instance un-selects its service from an allow).
+            destinations = {
+                p.destination.service
+                for p in policies
+                if isinstance(p, TrafficPermission)
+                and p.mesh == changed.mesh
+                and _selects_by_tags(p, changed.service)
+            }
+            touched |= {
+                d.name
+                for d in dataplanes
+                if d.mesh == changed.mesh
+                and (ANY_SERVICE in destinations or d.service in destinations)
             }
         return touched
     if change_kind == TRAFFIC_PERMISSION_KIND:
@@ -69,3 +88,12 @@ def affected(
             if d.mesh == p.mesh and p.destination.service in (d.service, ANY_SERVICE)
         }
     raise ValueError(f"the snapshot builder reads no resources of kind {change_kind!r}")
+
+
+def _selects_by_tags(permission: TrafficPermission, service: str) -> bool:
+    """Whether a tag source of the permission may select `service`."""
+    return any(
+        source.tags and source.service in (None, service)
+        for rule in permission.rules
+        for source in rule.sources
+    )

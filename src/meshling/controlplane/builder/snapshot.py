@@ -7,7 +7,11 @@ What a dataplane becomes:
   the inbound port, forwarding to the local cluster `local:<service_port>`
   (`127.0.0.1:<service_port>`). With mTLS on, its chain terminates mTLS in the mesh's
   mode with the proxy's own files, and carries the `authz` fragment of the
-  TrafficPermissions selecting the dataplane's service;
+  TrafficPermissions selecting the dataplane's service. Their tag sources are resolved
+  here, from the tags of every dataplane of the mesh (this one included), into the
+  identities of the services they select (see `traffic_permission.schema`); a
+  dataplane listed more than once counts once per listing, which can only narrow an
+  allow and widen a deny;
 * an **outbound** listener per outbound, on `127.0.0.1` at the outbound port, forwarding
   to the cluster named after the destination service, whose endpoints are the inbounds
   (address, port) of every *other* dataplane of that service in the mesh. With mTLS on,
@@ -79,7 +83,9 @@ def build(
     authz = None
     if tls is not None:
         permissions = [p for p in policies if isinstance(p, TrafficPermission)]
-        authz = traffic_permission.to_snapshot(permissions, dataplane.service, mesh.name)
+        authz = traffic_permission.to_snapshot(
+            permissions, dataplane.service, mesh.name, _instance_tags(dataplane, dataplanes)
+        )
 
     listeners: list[dict[str, Any]] = []
     clusters: dict[str, dict[str, Any]] = {}
@@ -106,6 +112,17 @@ def build(
         "clusters": [clusters[name] for name in sorted(clusters)],
     }
     return {"version": version_of(body), **body}
+
+
+def _instance_tags(
+    dataplane: Dataplane, dataplanes: Iterable[Dataplane]
+) -> dict[str, list[dict[str, str]]]:
+    """The tags of each dataplane of the mesh, by service: what tag sources select from."""
+    instances: dict[str, list[dict[str, str]]] = {dataplane.service: [dataplane.tags]}
+    for other in dataplanes:
+        if other.mesh == dataplane.mesh:
+            instances.setdefault(other.service, []).append(other.tags)
+    return instances
 
 
 def version_of(body: dict[str, Any]) -> str:

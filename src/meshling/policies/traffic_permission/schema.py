@@ -11,8 +11,37 @@ spec:
         - {service: web}                 # spiffe://default/web
         - {identity: "spiffe://default/ops/*"}   # an exact SPIFFE ID, or a prefix ending in /*
         - {service: "*"}                 # any authenticated caller of this mesh
+        - {tags: {version: v1}}          # the services whose instances carry these tags
+        - {service: batch, tags: {zone: a}}      # batch, if its instances are in zone a
   shadow: false                          # true: never deny, only log and count
 ```
+
+Tag sources, and what they can promise. On the wire a caller is known only by its
+certificate's SPIFFE ID, `spiffe://<mesh>/<service>`: one identity per *service*, shared
+by all its instances, and no tags. So the control plane resolves a tag source into the
+identities of whole services, from the tags of the mesh's Dataplanes, and the rule is
+enforced at service granularity, in the direction that never widens access:
+
+* in an **allow** rule, a service matches only if *every* one of its dataplanes carries
+  all the tags: were one instance untagged, allowing the service's identity would let
+  that instance in too;
+* in a **deny** rule, a service matches if *any* of its dataplanes carries them: the
+  tagged instance cannot be told from its siblings, so they are all denied.
+
+A service with no dataplanes matches neither. A tag source no service matches makes the
+rule match nobody (an allow grants nothing, a deny denies nothing); the rule still
+appears in the snapshot, with the tag sources it came from and no identities, so the
+outcome can be read there. A dataplane's service is one of its selectable attributes
+(what Kuma calls the `kuma.io/service` tag), but it is written as the source's `service`
+field, next to the tags (`{service: web, tags: {version: v1}}`), never as a tag: `service`
+is refused as a tag key, so there is one spelling and no clash with a dataplane tag of
+that name. A proxy running a snapshot without a control plane has no dataplanes to
+resolve tags from: its authz fragment only ever holds identities and prefixes.
+
+The selection is only as fresh as the snapshot: a Dataplane change rebuilds the
+snapshots it can alter, and until the new one arrives the previous selection holds. It
+also sees only registered dataplanes: an instance holding its service's certificate
+without a Dataplane is invisible to it.
 
 `parse_resource` validates everything and raises `SnapshotError(source, field path,
 reason)`, the same error the snapshot loader raises, because a resource is the source of
@@ -43,14 +72,18 @@ _MESH = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """Callers a rule applies to; exactly one of the two fields is set."""
+    """Callers a rule applies to: `service`, `identity` or `tags`, or `service` with `tags`."""
 
     # a service of the resource's mesh (`spiffe://<mesh>/<service>`), or "*" for any
-    # authenticated caller of the mesh
+    # authenticated caller of the mesh; with `tags`, the one service the tags may select
     service: str | None = None
     # an exact SPIFFE ID, or a prefix written as `spiffe://<domain>/<path>/*`, which
     # matches every ID below that path (and not the path itself)
     identity: str | None = None
+    # dataplane tags, as (key, value) pairs sorted by key: the services whose dataplanes
+    # carry them all (every dataplane for an allow, any for a deny; see the module
+    # docstring), resolved by the control plane
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +214,35 @@ def _identity(node: _Node) -> str:
     return value
 
 
+def _tags(node: _Node) -> tuple[tuple[str, str], ...]:
+    """A tag selector: Dataplane tag keys and values, at least one, never `service`."""
+    from meshling.controlplane.resources.metadata import string_map
+
+    tags = string_map(node)
+    if not tags:
+        raise node.error("give at least one tag (for every caller of a service, give service)")
+    if "service" in tags:
+        raise node.child("service").error(
+            "the service is not a tag: write it beside the tags, {service: NAME, tags: {...}}"
+        )
+    return tuple(tags.items())
+
+
 def _source(node: _Node, mesh: str) -> Source:
-    node.mapping(("service", "identity"))
-    if node.has("service") == node.has("identity"):
-        raise node.error("give exactly one of service, identity")
-    return Source(
+    node.mapping(("service", "identity", "tags"))
+    given = [key for key in ("service", "identity", "tags") if node.has(key)]
+    if given not in (["service"], ["identity"], ["tags"], ["service", "tags"]):
+        raise node.error("give one of service, identity or tags (tags may come with a service)")
+    source = Source(
         service=node.get("service", lambda n: _service(n, mesh), None),
         identity=node.get("identity", _identity, None),
+        tags=node.get("tags", _tags, ()),
     )
+    if source.tags and source.service == ANY_SERVICE:
+        raise node.child("service").error(
+            'service "*" with tags selects no more than the tags alone: drop the service'
+        )
+    return source
 
 
 def _action(node: _Node) -> Action:

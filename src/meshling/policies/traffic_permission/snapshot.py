@@ -16,11 +16,20 @@ Names are unique within a mesh (the store enforces it). A destination that no pe
 selects gets no rules and the default action, deny: with mutual TLS nothing is allowed
 until a permission says so (a mesh that wants open traffic has a permission for
 destination "*" allowing service "*").
+
+Tag sources. `to_snapshot` resolves them from `instances`, the tags of every dataplane of
+the mesh by service (the control plane's registry), into the identities of the services
+they select, by the rule of the schema's docstring: every dataplane of a service must
+carry the tags for an allow, any one for a deny. The rule keeps the tag sources it was
+resolved from (`tag_sources`), so a rule that resolved to no identity at all, and so
+matches nobody, can still be read and explained. Without `instances` (no control plane)
+tag sources select nothing. The proxy never reads tags: `decide` sees identities only.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +38,11 @@ from meshling.policies.traffic_permission.schema import (
     ANY_SERVICE,
     Action,
     Rule,
+    Source,
     TrafficPermission,
     _action,
     _flag,
+    _tags,
     _text,
 )
 
@@ -40,6 +51,9 @@ if TYPE_CHECKING:
 
 # rule names become metric labels and log fields: keep them plain
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
+
+# service -> the tags of each of its dataplanes, in one mesh
+InstanceTags = Mapping[str, Sequence[Mapping[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,9 @@ class AuthzRule:
     prefixes: tuple[str, ...]
     # the rule never decides; a match of a shadow deny is reported (see `decide`)
     shadow: bool = False
+    # the tag sources (`Source` with `tags`) some of `identities` were resolved from, kept
+    # so that a rule which resolved to no identity is visible; never read by `decide`
+    tag_sources: tuple[Source, ...] = ()
     # `identities` as a set, for one hash lookup per connection
     identity_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -68,25 +85,32 @@ class AuthzRule:
         return identity in self.identity_set or identity.startswith(self.prefixes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "name": self.name,
             "action": self.action,
             "identities": list(self.identities),
             "prefixes": list(self.prefixes),
             "shadow": self.shadow,
         }
+        # only when there are some, so rules without tags keep their form (and snapshots
+        # their versions)
+        if self.tag_sources:
+            document["tag_sources"] = [_tag_source_dict(s) for s in self.tag_sources]
+        return document
 
     @classmethod
     def from_dict(cls, node: _Node) -> AuthzRule:
-        node.mapping(("name", "action", "identities", "prefixes", "shadow"))
+        node.mapping(("name", "action", "identities", "prefixes", "shadow", "tag_sources"))
         rule = cls(
             name=node.need("name", _rule_name),
             action=node.need("action", _action),
             identities=tuple(_exact_id(i) for i in node.items("identities", required=False)),
             prefixes=tuple(_prefix(p) for p in node.items("prefixes", required=False)),
             shadow=node.get("shadow", _flag, False),
+            tag_sources=tuple(_tag_source(s) for s in node.items("tag_sources", required=False)),
         )
-        if not rule.identities and not rule.prefixes:
+        if not rule.identities and not rule.prefixes and not rule.tag_sources:
+            # An empty rule is only meaningful as tag sources that resolved to nobody.
             raise node.error("a rule needs at least one of identities, prefixes")
         return rule
 
@@ -127,12 +151,17 @@ class AuthzConfig:
 
 
 def to_snapshot(
-    policies: list[TrafficPermission], destination_service: str, mesh: str
+    policies: list[TrafficPermission],
+    destination_service: str,
+    mesh: str,
+    instances: InstanceTags | None = None,
 ) -> AuthzConfig:
     """The authz fragment for the inbound side of `destination_service` in `mesh`.
 
     Permissions of other meshes, and those whose destination is another service, are
     ignored; the rest are merged in the order the module docstring describes.
+    `instances` maps each service of `mesh` to the tags of each of its dataplanes, to
+    resolve tag sources; None (no registry) resolves them to nothing.
     """
     selected = sorted(
         (
@@ -144,17 +173,40 @@ def to_snapshot(
     )
     return AuthzConfig(
         rules=tuple(
-            _authz_rule(p, index, rule) for p in selected for index, rule in enumerate(p.rules)
+            _authz_rule(p, index, rule, instances or {})
+            for p in selected
+            for index, rule in enumerate(p.rules)
         )
     )
 
 
-def _authz_rule(policy: TrafficPermission, index: int, rule: Rule) -> AuthzRule:
+def tagged_services(source: Source, action: Action, instances: InstanceTags) -> Iterator[str]:
+    """The services a tag source selects, by name: for an allow, those whose every
+    dataplane carries the tags; for a deny, those with at least one that does."""
+    candidates = [source.service] if source.service is not None else sorted(instances)
+    # allow: a single untagged instance would be let in under the shared identity
+    quantifier = all if action == "allow" else any
+    for service in candidates:
+        dataplanes = instances.get(service, ())
+        if dataplanes and quantifier(
+            all(tags.get(key) == value for key, value in source.tags) for tags in dataplanes
+        ):
+            yield service
+
+
+def _authz_rule(
+    policy: TrafficPermission, index: int, rule: Rule, instances: InstanceTags
+) -> AuthzRule:
     # dicts as ordered sets: the order written is kept, duplicates dropped
     identities: dict[str, None] = {}
     prefixes: dict[str, None] = {}
+    tag_sources: dict[Source, None] = {}
     for source in rule.sources:
-        if source.service == ANY_SERVICE:
+        if source.tags:
+            tag_sources[source] = None
+            for service in tagged_services(source, rule.action, instances):
+                identities[str(SpiffeId.for_service(policy.mesh, service))] = None
+        elif source.service == ANY_SERVICE:
             prefixes[f"{SCHEME_PREFIX}{policy.mesh}/"] = None
         elif source.service is not None:
             identities[str(SpiffeId.for_service(policy.mesh, source.service))] = None
@@ -168,7 +220,18 @@ def _authz_rule(policy: TrafficPermission, index: int, rule: Rule) -> AuthzRule:
         identities=tuple(identities),
         prefixes=tuple(prefixes),
         shadow=policy.shadow,
+        tag_sources=tuple(tag_sources),
     )
+
+
+def _tag_source_dict(source: Source) -> dict[str, Any]:
+    tags = {"tags": dict(source.tags)}
+    return {"service": source.service, **tags} if source.service is not None else tags
+
+
+def _tag_source(node: _Node) -> Source:
+    node.mapping(("service", "tags"))
+    return Source(service=node.get("service", _text, None), tags=node.need("tags", _tags))
 
 
 def _rule_name(node: _Node) -> str:
