@@ -23,9 +23,55 @@ def _setup_logging(level: str) -> None:
 
 
 def _proxy_run(args: argparse.Namespace) -> int:
-    from meshling.proxy.server import run
+    # Flags win over the environment; --config and --cp choose the mode.
+    config = args.config
+    cp = args.cp
+    if config is None and cp is None:
+        config, cp = os.environ.get("MESHLING_CONFIG"), os.environ.get("MESHLING_CP")
+        if config and cp:
+            print(
+                "meshling proxy run: MESHLING_CONFIG and MESHLING_CP are both set; "
+                "unset one, or choose with --config or --cp",
+                file=sys.stderr,
+            )
+            return 2
+    if config:
+        from meshling.proxy.server import run
 
-    return run(args.config)
+        return run(config)
+    if not cp:
+        print(
+            "meshling proxy run: give --config FILE (a standalone proxy) or --cp URL "
+            "(configured by a control plane)",
+            file=sys.stderr,
+        )
+        return 2
+    return _proxy_run_cp(args, cp)
+
+
+def _proxy_run_cp(args: argparse.Namespace, cp: str) -> int:
+    from meshling.agent.settings import (
+        DEFAULT_DATA_DIR,
+        AgentSettings,
+        SettingsError,
+        parse_addresses,
+    )
+
+    token_file = args.token_file or os.environ.get("MESHLING_TOKEN_FILE")
+    dataplane = args.dataplane or os.environ.get("MESHLING_DATAPLANE")
+    data_dir = args.data_dir or os.environ.get("MESHLING_DATA_DIR") or DEFAULT_DATA_DIR
+    try:
+        addresses = parse_addresses(cp)
+        if not token_file:
+            raise SettingsError("--cp needs --token-file FILE (env MESHLING_TOKEN_FILE)")
+        if not dataplane:
+            raise SettingsError("--cp needs --dataplane FILE (env MESHLING_DATAPLANE)")
+    except SettingsError as exc:
+        print(f"meshling proxy run: {exc}", file=sys.stderr)
+        return 2
+    from meshling.agent.agent import run
+
+    return run(AgentSettings(addresses, token_file, dataplane, data_dir))
 
 
 def _proxy_validate(args: argparse.Namespace) -> int:
@@ -52,11 +98,35 @@ def _demo(args: argparse.Namespace) -> int:
 def _control_plane_run(args: argparse.Namespace) -> int:
     from meshling.controlplane.api.server import run
 
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+    host, port = args.host, args.port
+    if args.listen:
+        host, _, raw_port = args.listen.rpartition(":")
+        if not host or not raw_port.isdigit():
+            print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+            return 2
+        port = int(raw_port)
+    data_dir = args.data_dir
+    store = args.store or f"sqlite://{os.path.join(data_dir, 'meshling.db')}"
+    token_file = args.token_file or os.path.join(data_dir, "admin.token")
+    if args.offline_after <= 0:
+        print("--offline-after: must be a positive number of seconds", file=sys.stderr)
         return 2
-    return run(args.store, host.strip("[]"), int(port), args.token_file)
+    if not (args.store and args.token_file):  # something lives in the data directory
+        try:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            print(f"--data-dir: cannot create {data_dir}: {exc}", file=sys.stderr)
+            return 1
+    return run(
+        store,
+        host.strip("[]"),
+        port,
+        token_file,
+        default_mesh=args.mesh or None,
+        mesh_mtls=args.mesh_mtls,
+        replica=args.replica_id,
+        offline_after=args.offline_after,
+    )
 
 
 def _resources(args: argparse.Namespace) -> int:
@@ -86,16 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_commands = proxy.add_subparsers(dest="proxy_command", required=True)
     run = proxy_commands.add_parser(
         "run",
-        help="run a standalone proxy from a snapshot file",
-        description="Run a proxy from a snapshot file. SIGHUP or a change to the file "
-        "reloads it; SIGTERM drains and exits.",
+        help="run a proxy, standalone from a snapshot file or configured by a control plane",
+        description="Run a proxy. Standalone (--config): from a snapshot file; SIGHUP or "
+        "a change to the file reloads it. With a control plane (--cp): the control plane "
+        "issues its certificate and pushes its snapshots, cached in --data-dir so that it "
+        "starts and serves while no control plane answers. SIGTERM drains and exits.",
     )
-    run.add_argument(
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument(
         "--config",
         "-c",
-        default=os.environ.get("MESHLING_CONFIG"),
-        required="MESHLING_CONFIG" not in os.environ,
-        help="snapshot file, YAML or JSON (env MESHLING_CONFIG)",
+        help="snapshot file, YAML or JSON, for a standalone proxy (env MESHLING_CONFIG)",
+    )
+    mode.add_argument(
+        "--cp",
+        metavar="URL[,URL...]",
+        help="control-plane addresses, http(s)://HOST:PORT, tried in turn (env MESHLING_CP)",
+    )
+    run.add_argument(
+        "--token-file",
+        help="with --cp: the dataplane token, from `meshling token dataplane` "
+        "(env MESHLING_TOKEN_FILE)",
+    )
+    run.add_argument(
+        "--dataplane",
+        help="with --cp: this proxy's Dataplane resource, YAML or JSON (env MESHLING_DATAPLANE)",
+    )
+    run.add_argument(
+        "--data-dir",
+        help="with --cp: where the snapshot and credentials are cached, made 0700 "
+        "(env MESHLING_DATA_DIR; default ./meshling-proxy)",
     )
     run.set_defaults(func=_proxy_run)
     validate = proxy_commands.add_parser("validate", help="check a snapshot file and exit")
@@ -114,25 +204,72 @@ def build_parser() -> argparse.ArgumentParser:
     cp_commands = cp.add_subparsers(dest="cp_command", required=True)
     cp_run = cp_commands.add_parser(
         "run",
-        help="serve the resource API",
-        description="Serve the control plane's REST API over a resource store. The API "
-        "needs the admin token, written to --token-file on the first start.",
+        help="serve the API and the config stream",
+        description="Serve the control plane: the REST API (admin token, written to "
+        "--token-file on the first start), the CA and the config stream proxies connect "
+        "to (dataplane tokens). Replicas on one PostgreSQL store share everything, "
+        "the CA and the token signing key included.",
+    )
+    cp_run.add_argument(
+        "--data-dir",
+        default=os.environ.get("MESHLING_CP_DATA_DIR", "meshling-cp"),
+        help="where the default store and admin token live, made 0700 "
+        "(env MESHLING_CP_DATA_DIR, default ./meshling-cp)",
     )
     cp_run.add_argument(
         "--store",
-        default=os.environ.get("MESHLING_STORE", "sqlite://meshling.db"),
-        help="sqlite:///PATH (default: meshling.db here) or postgresql://USER@HOST:PORT/DB "
-        "(env MESHLING_STORE)",
+        default=os.environ.get("MESHLING_STORE"),
+        help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB[?schema=S] "
+        "(env MESHLING_STORE, default meshling.db in --data-dir)",
+    )
+    cp_run.add_argument(
+        "--host",
+        default=os.environ.get("MESHLING_HOST", "127.0.0.1"),
+        help="address to serve on (env MESHLING_HOST, default 127.0.0.1)",
+    )
+    cp_run.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("MESHLING_PORT", "5681")),
+        help="port to serve on (env MESHLING_PORT, default 5681)",
     )
     cp_run.add_argument(
         "--listen",
-        default=os.environ.get("MESHLING_LISTEN", "127.0.0.1:5681"),
-        help="HOST:PORT to serve on (env MESHLING_LISTEN)",
+        default=os.environ.get("MESHLING_LISTEN"),
+        help="HOST:PORT, in place of --host and --port (env MESHLING_LISTEN)",
     )
     cp_run.add_argument(
         "--token-file",
-        default=os.environ.get("MESHLING_TOKEN_FILE", "meshling-admin.token"),
-        help="the admin token, created 0600 on the first start (env MESHLING_TOKEN_FILE)",
+        default=os.environ.get("MESHLING_ADMIN_TOKEN_FILE"),
+        help="the admin token, created 0600 on the first start "
+        "(env MESHLING_ADMIN_TOKEN_FILE, default admin.token in --data-dir)",
+    )
+    cp_run.add_argument(
+        "--mesh",
+        default=os.environ.get("MESHLING_MESH", "default"),
+        help="a mesh to create on start when it does not exist (env MESHLING_MESH, default "
+        "'default'; '' for none)",
+    )
+    cp_run.add_argument(
+        "--mesh-mtls",
+        choices=["off", "permissive", "strict"],
+        default="off",
+        help="mTLS of the mesh --mesh creates (default off, as in Kuma: proxies then need "
+        "no certificates; turn it on with `meshling apply`)",
+    )
+    cp_run.add_argument(
+        "--replica-id",
+        default=os.environ.get("MESHLING_REPLICA_ID"),
+        help="this replica's name in dataplane status (env MESHLING_REPLICA_ID, "
+        "default hostname:pid)",
+    )
+    cp_run.add_argument(
+        "--offline-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a dataplane whose replica has not refreshed its status for this long is "
+        "offline (default 30)",
     )
     cp_run.set_defaults(func=_control_plane_run)
 
@@ -140,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("apply", "create or update resources from YAML/JSON files: apply -f FILE|DIR|-"),
         ("get", "show resources: get KIND [NAME] [-o table|yaml|json]"),
         ("delete", "delete a resource: delete KIND NAME"),
+        ("token", "dataplane tokens: token dataplane --service S | token revoke JTI"),
+        ("inspect", "a dataplane's stream, snapshot and certificate: inspect dataplane NAME"),
     ):
         command = commands.add_parser(
             name, help=summary, add_help=False, description=f"{summary}; `--help` for options."
@@ -160,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # The demo and the CA commands parse their own options; the rest must be known here.
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("demo", "ca", "apply", "get", "delete"):
+    if rest and args.command not in ("demo", "ca", "apply", "get", "delete", "token", "inspect"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     _setup_logging(args.log_level)

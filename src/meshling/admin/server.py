@@ -158,5 +158,10 @@ async def start_admin(proxy: Proxy) -> asyncio.Server:
     admin = proxy.snapshot.admin
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: AdminProtocol(proxy), admin.address, admin.port, reuse_address=True
+        lambda: AdminProtocol(proxy),
+        admin.address,
+        admin.port,
+        reuse_address=True,
+        # shared with a successor process during a restart, like the listeners
+        reuse_port=True,
     )

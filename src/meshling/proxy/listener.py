@@ -147,6 +147,9 @@ class ListenerRuntime:
             self.config.port,
             backlog=1024,
             reuse_address=True,
+            # A new proxy process binds the same port while the old one drains, so a
+            # restart refuses no connection (the old one stops accepting first).
+            reuse_port=True,
         )
 
     def stop_accepting(self) -> None:

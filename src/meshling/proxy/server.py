@@ -1,6 +1,7 @@
 """The proxy process: listeners, reloads, timers and graceful shutdown.
 
-Shutdown is an explicit sequence: stop accepting -> tell every connection to
+Shutdown is an explicit sequence: stop accepting -> let busy keep-alive clients
+leave after their next response (a short grace) -> tell every connection left to
 finish its current request and close -> wait until they are gone or the drain
 timeout passes -> abort what is left -> close pooled upstream connections.
 
@@ -30,13 +31,22 @@ from meshling.telemetry.metrics import Metrics
 log = logging.getLogger("meshling.proxy")
 
 TICK = 1.0
+# how long busy keep-alive clients get to leave on their own when draining
+DRAIN_GRACE = 1.0
 
 
 class Proxy:
-    def __init__(self, snapshot: Snapshot, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        config_path: str | None = None,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.snapshot = snapshot
+        # the snapshot file of a standalone proxy; None when a control plane pushes them
         self.config_path = config_path
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.pools = PoolSet()
         self.deadlines = Deadlines()
         self.connections: set[Connection] = set()
@@ -52,13 +62,28 @@ class Proxy:
         self._changed: dict[str, float] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        # one switch at a time: a push and a certificate renewal may arrive together
+        self._switching = asyncio.Lock()
 
     # -- start ----------------------------------------------------------------------
     async def start(self) -> None:
         from meshling.admin.server import start_admin
 
         await self._apply(self.snapshot)
-        self.admin = await start_admin(self)
+        try:
+            self.admin = await start_admin(self)
+        except OSError as exc:
+            for runtime in self.listeners.values():
+                runtime.stop_accepting()
+            self.listeners.clear()
+            if self.access_log is not None:
+                self.access_log.close()
+            admin = self.snapshot.admin
+            raise SnapshotError(
+                self.config_path or "<snapshot>",
+                "admin",
+                f"cannot listen on {admin.address}:{admin.port}: {exc.strerror}",
+            ) from None
         self._ticker = asyncio.ensure_future(self._tick())
         self.ready = True
         names = ", ".join(f"{li.name}@{li.address}:{li.port}" for li in self.snapshot.listeners)
@@ -195,6 +220,8 @@ class Proxy:
         return times
 
     async def _reload_if_changed(self) -> None:
+        if self.config_path is None:
+            return  # files pushed by a control plane come with an explicit reload_tls()
         # A certificate and its key are two files written one after the other: reload
         # only once the files have stayed the same for a whole tick, so a rotation is
         # picked up as one change instead of a mismatched pair.
@@ -219,7 +246,8 @@ class Proxy:
                 raise SnapshotError(
                     self.config_path, "admin", "the admin listener cannot change on reload"
                 )
-            await self._apply(snapshot)
+            async with self._switching:
+                await self._apply(snapshot)
         except SnapshotError as exc:
             self.metrics.reloads["rejected"] += 1
             log.error("reload rejected, still running snapshot %s: %s", self.snapshot.version, exc)
@@ -227,6 +255,43 @@ class Proxy:
         self._files = self._stat_files(snapshot)
         self.metrics.reloads["ok"] += 1
         log.info("reloaded: snapshot %s", snapshot.version)
+        return True
+
+    async def apply_snapshot(self, snapshot: Snapshot, source: str = "<snapshot>") -> None:
+        """Switch to a snapshot pushed by a control plane, all or nothing.
+
+        Raises SnapshotError (the running snapshot stays) for a snapshot that cannot run:
+        unusable TLS files, a port that cannot be bound, or another admin listener.
+        """
+        if self.draining:
+            raise SnapshotError(source, "", "the proxy is draining")
+        if snapshot.admin != self.snapshot.admin:
+            raise SnapshotError(
+                source, "admin", "the admin listener cannot change while the proxy runs"
+            )
+        async with self._switching:
+            await self._apply(snapshot)
+            self._files = self._stat_files(snapshot)
+
+    async def reload_tls(self) -> bool:
+        """Read the running snapshot's TLS files again, after they were replaced.
+
+        New handshakes use the new certificate and trust bundle; open connections keep
+        the ones they started with, and keep-alive ones move over after their current
+        response, as on any reload. False (and logged) if the new files cannot be used.
+        """
+        if self.draining:
+            return False
+        async with self._switching:
+            try:
+                await self._apply(self.snapshot)
+            except SnapshotError as exc:
+                self.metrics.reloads["rejected"] += 1
+                log.error("TLS reload rejected, still using the previous files: %s", exc)
+                return False
+            self._files = self._stat_files(self.snapshot)
+        self.metrics.reloads["ok"] += 1
+        log.info("TLS files reloaded")
         return True
 
     # -- timers ---------------------------------------------------------------------
@@ -251,24 +316,31 @@ class Proxy:
         self.ready = False
         timeout = self.snapshot.drain_timeout
         log.info("draining: %d connections, up to %.1fs", len(self.connections), timeout)
-        # 1. stop accepting
+        deadline = time.monotonic() + timeout
+        # 1. stop accepting; every response from now on says `Connection: close`
         for runtime in self.listeners.values():
             runtime.stop_accepting()
             runtime.chain.draining = True
-        # 2. ask connections to finish their current request and close
+            runtime.chain.retired = True
+        # 2. a busy keep-alive client leaves after its next response, between two
+        #    requests; closing its connection now could cross a request on its way (the
+        #    client would see the connection drop, unanswered). Give them a moment.
+        grace = time.monotonic() + min(DRAIN_GRACE, timeout)
+        while self.connections and time.monotonic() < grace:
+            await asyncio.sleep(0.05)
+        # 3. ask the rest to finish their current request and close
         for conn in list(self.connections):
             conn.drain()
-        # 3. wait for them, up to the drain timeout
-        deadline = time.monotonic() + timeout
+        # 4. wait for them, up to the drain timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        # 4. abort whatever is left
+        # 5. abort whatever is left
         left = len(self.connections)
         for conn in list(self.connections):
             conn.abort()
         if left:
             log.warning("drain timeout: aborted %d connections", left)
-        # 5. close pooled upstream connections and the rest
+        # 6. close pooled upstream connections and the rest
         self.pools.close_all()
         self.deadlines.close()
         if self._ticker is not None:

@@ -215,3 +215,34 @@ class _Collector(Collector):
             "Access log entries dropped because the writer fell behind.",
             value=m.access_log_dropped,
         )
+
+        cp = m.control_plane
+        if cp is None:
+            return
+        yield GaugeMetricFamily(
+            "meshling_control_plane_connected",
+            "1 while the config stream to a control plane is open, else 0.",
+            value=cp.connected,
+        )
+        snapshots = CounterMetricFamily(
+            "meshling_control_plane_snapshots",
+            "Snapshots pushed by the control plane, by result (applied: acked, "
+            "rejected: nacked, the previous one kept running).",
+            labels=["result"],
+        )
+        for result, n in cp.snapshots.items():
+            snapshots.add_metric([result], n)
+        yield snapshots
+        certificates = CounterMetricFamily(
+            "meshling_certificate_renewals",
+            "Certificate requests to the control plane (the first and every renewal), by result.",
+            labels=["result"],
+        )
+        for result, n in cp.certificates.items():
+            certificates.add_metric([result], n)
+        yield certificates
+        yield GaugeMetricFamily(
+            "meshling_certificate_expiry_timestamp_seconds",
+            "When the proxy's own certificate from the control plane expires (Unix time).",
+            value=cp.certificate_expiry,
+        )

@@ -133,6 +133,22 @@ class AuthzStats:
         self.shadow_denied: dict[str, int] = {}
 
 
+class ControlPlaneStats:
+    """A proxy's link to its control plane: the stream, snapshots and certificates."""
+
+    __slots__ = ("certificate_expiry", "certificates", "connected", "snapshots")
+
+    def __init__(self) -> None:
+        # 1 while a config stream is open
+        self.connected = 0
+        # pushed snapshots, "applied" (acked) or "rejected" (nacked)
+        self.snapshots: dict[str, int] = {"applied": 0, "rejected": 0}
+        # certificate requests (the first and every renewal), "ok" or "failed"
+        self.certificates: dict[str, int] = {"ok": 0, "failed": 0}
+        # the proxy's own certificate's notAfter, as a Unix time (0: none yet)
+        self.certificate_expiry = 0.0
+
+
 class Metrics:
     """All of one proxy's counters, and their Prometheus exposition."""
 
@@ -146,6 +162,8 @@ class Metrics:
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
         self.access_log_dropped = 0
+        # only with a control plane (`meshling proxy run --cp`)
+        self.control_plane: ControlPlaneStats | None = None
         # prometheus_client is imported at the first scrape, not at start-up: it is
         # the largest import of the proxy, and an unscraped proxy does not need it.
         self._registry: Any = None
