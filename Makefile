@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-cp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's store service is a stock nginx: installed with the other peers when missing.
+# Options go in DEMO_ARGS, e.g. make demo DEMO_ARGS="--rps 50 --duration 60".
 demo: $(STAMP)
-	$(BIN)/meshling demo
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || bash scripts/install-peers
+	$(BIN)/meshling demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	bash scripts/install-peers
@@ -33,6 +36,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	bash scripts/install-peers
 	$(BIN)/python bench/run.py
+
+bench-cp: $(STAMP)
+	$(BIN)/python bench/cp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

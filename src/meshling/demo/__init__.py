@@ -1,7 +1,9 @@
-"""The `meshling demo`: a sample topology of services, each behind a standalone proxy.
+"""The `meshling demo`: a whole mesh on one machine, configured by a control plane.
 
-Two small services (`web`, and `api` in two versions) run as child processes, each
-next to its own `meshling proxy run` from a generated snapshot file; a traffic loop
-drives requests through the mesh (web -> web's proxy -> api's proxy -> api) and a
-summary table read from every proxy's `/metrics` is printed as it runs.
+A `meshling control-plane run` on a SQLite file, and three services, each instance next
+to its own `meshling proxy run --cp`: `web` (Python) calls `api` (Python, two versions),
+which calls `store` (a stock nginx). The control plane holds the Mesh (mTLS strict) and
+the TrafficPermissions; the proxies get their certificates and snapshots from it. A
+traffic loop drives requests into web, and a summary table read from every proxy's
+`/metrics` is printed as it runs.
 """

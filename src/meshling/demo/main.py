@@ -1,15 +1,22 @@
-"""The `meshling demo` command: start the sample topology, drive traffic, show metrics.
+"""The `meshling demo` command: a control plane, three services with their proxies, traffic.
 
 The sequence, each step finished before the next:
 
-1. write each proxy's snapshot into the work directory;
-2. start the apps and wait until each accepts connections;
-3. start one `meshling proxy run` per app and wait until each answers `GET /ready`;
-4. send traffic to web's proxy, printing a summary from every proxy's `/metrics`
-   every few seconds, until Ctrl-C, SIGTERM, the end of `--duration`, or a child
-   stopping on its own (which fails the demo, naming the child);
-5. stop the traffic, read the metrics one last time, SIGTERM the proxies and then
-   the apps by PID, wait for them, print the final summary.
+1. check that nginx (the store service) is installed, and prepare the work directory:
+   the Dataplane documents, nginx's configuration, the policy example, and no state
+   left from an earlier run (the store's database, the proxies' caches);
+2. start `meshling control-plane run` on a SQLite file in the work directory and wait
+   for `GET /healthz`;
+3. through its REST API, with the admin token it wrote: the Mesh (mTLS strict), the
+   TrafficPermissions web -> api and api -> store, and one dataplane token per proxy;
+4. start the apps (nginx, api-1, api-2, web) and wait until each accepts connections;
+5. start one `meshling proxy run --cp` per app, callees first, and wait until each
+   answers `GET /ready`; then until a request to web comes back through the whole mesh;
+6. send traffic to web, printing a summary from every proxy's `/metrics` every few
+   seconds, until Ctrl-C, SIGTERM, the end of `--duration`, or a child stopping on its
+   own (which fails the demo, naming the child);
+7. stop the traffic, read the metrics one last time, SIGTERM the proxies (they drain),
+   then the apps, then the control plane, by PID; wait for them; print the final summary.
 """
 
 from __future__ import annotations
@@ -17,8 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import signal
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,16 +42,32 @@ import yaml
 
 from meshling.demo import topology
 from meshling.demo.client import ClientError, HttpClient
-from meshling.demo.summary import ProxyMetrics, TrafficCounts, parse_metrics, render
-from meshling.demo.supervisor import StartError, Supervisor
+from meshling.demo.summary import (
+    ProxyMetrics,
+    TrafficCounts,
+    calls_by_service,
+    parse_metrics,
+    render,
+)
+from meshling.demo.supervisor import Child, StartError, Supervisor
 from meshling.demo.topology import Instance, Topology
 from meshling.demo.traffic import TrafficLoop
 
-REPORT_EVERY = 5.0
+DEFAULT_CP_PORT = 5681
 START_TIMEOUT = 20.0
-# the proxies drain for up to 2 s (their snapshots say so); then some slack
+# how long the first request may take to make it through the whole mesh: each proxy
+# needs its certificate and a snapshot naming the instances it calls
+MESH_TIMEOUT = 20.0
+# the proxies drain for up to 10 s (the snapshot's default); then a little slack
+PROXY_STOP_DEADLINE = 12.0
 STOP_DEADLINE = 5.0
 _WATCH_EVERY = 0.2
+_DATAPLANE_TOKEN_TTL = "24h"
+_NGINX_HINT = (
+    "the demo's store service is a stock nginx; install it with "
+    "`sudo apt-get install nginx` (or `bash scripts/install-peers`), "
+    "or name its binary with --nginx PATH"
+)
 
 
 def _positive(text: str) -> float:
@@ -52,12 +80,19 @@ def _positive(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number (0 for any), got {text!r}")
+    return int(text)
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="meshling demo",
         description=(
-            "Run a sample mesh on 127.0.0.1: a web service calling an api service in two "
-            "versions, each behind its own proxy, with traffic and a live metrics summary."
+            "Run a sample mesh on 127.0.0.1: a control plane, and web -> api (two versions) "
+            "-> store (nginx), each instance behind its own proxy, with mTLS, traffic and a "
+            "live metrics summary."
         ),
     )
     parser.add_argument(
@@ -74,16 +109,46 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         help="requests per second sent to web (default: 20)",
     )
     parser.add_argument(
+        "--report-every",
+        type=_positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="print the summary this often (default: 5)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(".demo"),
         metavar="DIR",
-        help="where snapshots, logs and the pids file go (default: .demo)",
+        help="where the control plane's database, the proxies' files, logs and the pids "
+        "file go (default: .demo)",
+    )
+    parser.add_argument(
+        "--cp-port",
+        type=_port,
+        default=DEFAULT_CP_PORT,
+        metavar="PORT",
+        help=f"the control plane's API port on 127.0.0.1 (default: {DEFAULT_CP_PORT}, or "
+        "any free port if that one is taken; 0: any free port)",
+    )
+    parser.add_argument(
+        "--nginx",
+        metavar="PATH",
+        help="the nginx binary for the store service (default: nginx on PATH, or /usr/sbin/nginx)",
     )
     args = parser.parse_args(argv)
     if args.rps > 10000:
         parser.error(f"--rps {args.rps:g} is more than this demo's traffic loop can send")
     return args
+
+
+def find_nginx(given: str | None) -> str | None:
+    """The nginx binary to run, or None if there is none."""
+    candidates = [shutil.which(given)] if given else [shutil.which("nginx"), "/usr/sbin/nginx"]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def _app_name(instance: Instance) -> str:
@@ -92,6 +157,28 @@ def _app_name(instance: Instance) -> str:
 
 def _proxy_name(instance: Instance) -> str:
     return f"{instance.name}-proxy"
+
+
+CONTROL_PLANE = "control-plane"
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it from here."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _meshling_command() -> str:
+    """How the user runs the `meshling` that runs this demo."""
+    script = Path(sys.executable).parent / "meshling"
+    on_path = shutil.which("meshling")
+    if on_path and script.exists() and os.path.samefile(on_path, script):
+        return "meshling"
+    if script.exists():
+        return _shown(script)
+    return f"{sys.executable} -m meshling"
 
 
 @dataclass(slots=True)
@@ -108,15 +195,39 @@ class Outcome:
 
 
 class Demo:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, nginx: str) -> None:
         self.duration: float | None = args.duration
         self.rps: float = args.rps
-        self.workdir: Path = args.workdir
-        self.topology: Topology = topology.build()
+        self.report_every: float = args.report_every
+        self.workdir: Path = args.workdir.absolute()
+        self.nginx = nginx
+        cp_port: int = args.cp_port
+        # the default port is a convenience, not a requirement
+        if cp_port == 0 or (cp_port == DEFAULT_CP_PORT and not topology.port_is_free(cp_port)):
+            cp_port = topology.free_ports(1)[0]
+        self.topology: Topology = topology.build(cp_port)
         self.counts = TrafficCounts()
         self.outcome = Outcome()
         # Ctrl-C presses so far: the first stops the demo, a second skips the waiting
         self.interrupts = 0
+        self.meshling = _meshling_command()
+
+    # -- paths in the work directory ----------------------------------------------
+
+    @property
+    def cp_dir(self) -> Path:
+        return self.workdir / "cp"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.cp_dir / "admin.token"
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite://{self.cp_dir / 'meshling.db'}"
+
+    def instance_dir(self, instance: Instance) -> Path:
+        return self.workdir / instance.name
 
     # -- the whole sequence ------------------------------------------------------
 
@@ -132,9 +243,14 @@ class Demo:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             try:
-                self._write_snapshots()
-                self._print_intro()
-                self._start(supervisor)
+                self._prepare()
+                self._print_plan()
+                self._start_control_plane(supervisor)
+                self._configure_mesh()
+                self._start_apps(supervisor)
+                self._start_proxies(supervisor)
+                self._wait_for_the_mesh(supervisor)
+                self._print_where_to_look()
                 uvloop.run(self._drive(supervisor))
             except StartError as exc:
                 self.outcome.failed = True
@@ -158,67 +274,264 @@ class Demo:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.interrupts += 1
 
-    def _write_snapshots(self) -> None:
-        for instance in self.topology.instances:
-            document = topology.snapshot(self.topology, instance)
-            path = self.workdir / f"{instance.name}.yaml"
-            path.write_text(
-                f"# The snapshot of {instance.name}'s proxy, written by `meshling demo`.\n"
-                + yaml.safe_dump(document, sort_keys=False),
-                encoding="utf-8",
-            )
+    def _cancelled(self) -> bool:
+        return self.interrupts > 0
 
-    def _print_intro(self) -> None:
+    # -- 1. the work directory ---------------------------------------------------
+
+    def _prepare(self) -> None:
+        # a fresh mesh every run: dataplanes registered by an earlier run would still be
+        # endpoints, and a proxy's cached snapshot would name the earlier run's ports
+        self.cp_dir.mkdir(exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            (self.cp_dir / f"meshling.db{suffix}").unlink(missing_ok=True)
+        for instance in self.topology.instances:
+            directory = self.instance_dir(instance)
+            shutil.rmtree(directory / "data", ignore_errors=True)
+            directory.mkdir(exist_ok=True)
+            (directory / "token").unlink(missing_ok=True)
+            self._write_yaml(
+                directory / "dataplane.yaml",
+                f"The Dataplane of {instance.name}'s proxy",
+                [topology.dataplane(instance)],
+            )
+        store = self.instance_dir(self.topology.store)
+        (store / "tmp").mkdir(exist_ok=True)
+        (store / "nginx.conf").write_text(
+            topology.nginx_conf(self.topology.store, str(store)), encoding="utf-8"
+        )
+        self._write_yaml(
+            self.workdir / "deny-web.yaml",
+            "The demo's policy example: web may no longer call api.\n"
+            f"# Apply it with `{self.meshling} apply -f {_shown(self.workdir / 'deny-web.yaml')}`",
+            [topology.deny_web()],
+        )
+        self._write_yaml(
+            self.workdir / "allow-web.yaml",
+            "The permission web -> api as the demo starts with it (undoes deny-web.yaml)",
+            [topology.allow_web()],
+        )
+        self._write_yaml(
+            self.workdir / "mesh.yaml",
+            "The resources the demo applies at start, through the control plane's API",
+            topology.mesh_resources(),
+        )
+        (self.workdir / "cp.env").write_text(
+            "# `source` this file to point meshling's commands at the demo's control plane\n"
+            f"export MESHLING_CP={self.topology.cp_url}\n"
+            f"export MESHLING_TOKEN_FILE={self.admin_token_file}\n",
+            encoding="utf-8",
+        )
+
+    @staticmethod
+    def _write_yaml(path: Path, comment: str, documents: list[dict[str, Any]]) -> None:
+        text = f"# {comment}, written by `meshling demo`.\n"
+        text += yaml.safe_dump_all(documents, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+
+    def _print_plan(self) -> None:
         top = self.topology
         print(
-            f"meshling demo: web -> api (v1, v2), each behind its own proxy; files in {self.workdir}/"
+            "meshling demo: web -> api (v1, v2) -> store (nginx), each instance behind its own "
+            "proxy, configured by a control plane; mTLS strict"
         )
-        for instance in top.instances:
+        print(
+            f"  control plane  {top.cp_url}  (SQLite {_shown(self.cp_dir / 'meshling.db')}, "
+            f"admin token {_shown(self.admin_token_file)})"
+        )
+        for instance in top.flow:
+            app = f"{instance.language} :{instance.app_port}"
+            service = f"{instance.service} {instance.version}"
             line = (
-                f"  {instance.name:<7} app :{instance.app_port:<5}  "
+                f"  {instance.name:<6} {service:<8}  app {app:<13}  "
                 f"proxy inbound :{instance.inbound_port:<5}"
             )
             if instance.outbound_port is not None:
-                line += f"  outbound :{instance.outbound_port} -> api"
+                outbound = f":{instance.outbound_port} -> {instance.calls}"
+                line += f"  outbound {outbound:<15}"
+            else:
+                line += " " * 26
             line += f"  admin :{instance.admin_port}"
             print(line)
-        until = f"for {self.duration:g}s" if self.duration else "until Ctrl-C"
+        print(f"  files and logs in {_shown(self.workdir)}/", flush=True)
+
+    # -- 2. and 3. the control plane and the mesh's resources --------------------------
+
+    def _start_control_plane(self, supervisor: Supervisor) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "meshling",
+            "control-plane",
+            "run",
+            "--data-dir",
+            str(self.cp_dir),
+            "--store",
+            self.store_url,
+            "--host",
+            topology.LOOPBACK,
+            "--port",
+            str(self.topology.cp_port),
+            "--token-file",
+            str(self.admin_token_file),
+        ]
+        child = supervisor.start(CONTROL_PLANE, argv)
+        supervisor.wait_for_http(
+            child, self.topology.cp_port, "/healthz", START_TIMEOUT, self._cancelled
+        )
+        print("  control plane ready", flush=True)
+
+    def _configure_mesh(self) -> None:
+        from meshling.controlplane.client import ApiError, Client, Unreachable
+
+        try:
+            admin_token = self.admin_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StartError(f"cannot read the control plane's admin token: {exc}") from None
+        client = Client(self.topology.cp_url, admin_token)
+        try:
+            for document in topology.mesh_resources():
+                client.apply(document)
+            for instance in self.topology.instances:
+                token = _issue_dataplane_token(
+                    self.topology.cp_url, admin_token, topology.MESH, instance.service
+                )
+                path = self.instance_dir(instance) / "token"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(token + "\n")
+        except (ApiError, Unreachable) as exc:
+            raise StartError(f"the control plane refused the demo's set-up: {exc}") from None
         print(
-            f"  traffic: {self.rps:g} requests/s to web's proxy "
-            f"(127.0.0.1:{top.web.inbound_port}) {until}",
+            "  applied the Mesh (mTLS strict) and TrafficPermissions web -> api, api -> store; "
+            "issued a dataplane token per proxy",
             flush=True,
         )
 
-    def _start(self, supervisor: Supervisor) -> None:
-        def cancelled() -> bool:
-            return self.interrupts > 0
+    # -- 4. and 5. the apps and their proxies ---------------------------------------
 
+    def _app_argv(self, instance: Instance) -> list[str]:
+        if instance.service == "store":
+            directory = self.instance_dir(instance)
+            conf = directory / "nginx.conf"
+            return [self.nginx, "-p", str(directory), "-e", "stderr", "-c", str(conf)]
+        argv = [
+            sys.executable,
+            "-m",
+            "meshling.demo.services",
+            instance.service,
+            "--port",
+            str(instance.app_port),
+            "--instance",
+            instance.name,
+        ]
+        if instance.outbound_port is not None:
+            argv += ["--upstream-port", str(instance.outbound_port)]
+        if instance.service == "api" and instance.version != "v1":
+            # a slightly slower second version, so the latency columns differ
+            argv += ["--latency-ms", "7"]
+        return argv
+
+    def _start_apps(self, supervisor: Supervisor) -> None:
         for instance in self.topology.instances:
+            child = supervisor.start(_app_name(instance), self._app_argv(instance))
+            supervisor.wait_for_port(child, instance.app_port, START_TIMEOUT, self._cancelled)
+        print("  apps listening", flush=True)
+
+    def _start_proxies(self, supervisor: Supervisor) -> None:
+        # callees first: a proxy's first snapshot then names every instance it calls
+        for instance in self.topology.instances:
+            directory = self.instance_dir(instance)
             argv = [
                 sys.executable,
                 "-m",
-                "meshling.demo.services",
-                instance.service,
-                "--port",
-                str(instance.app_port),
-                "--instance",
-                instance.tag,
+                "meshling",
+                "proxy",
+                "run",
+                "--cp",
+                self.topology.cp_url,
+                "--token-file",
+                str(directory / "token"),
+                "--dataplane",
+                str(directory / "dataplane.yaml"),
+                "--data-dir",
+                str(directory / "data"),
             ]
-            if instance.outbound_port is not None:
-                argv += ["--upstream-port", str(instance.outbound_port)]
-            if instance.service == "api" and instance.tag != "v1":
-                # a slightly slower second version, so the latency columns differ
-                argv += ["--latency-ms", "7"]
-            child = supervisor.start(_app_name(instance), argv)
-            supervisor.wait_for_port(child, instance.app_port, START_TIMEOUT, cancelled)
-        for instance in self.topology.instances:
-            config = self.workdir / f"{instance.name}.yaml"
-            argv = [sys.executable, "-m", "meshling", "proxy", "run", "--config", str(config)]
             child = supervisor.start(_proxy_name(instance), argv)
-            supervisor.wait_for_ready(child, instance.admin_port, START_TIMEOUT, cancelled)
+            supervisor.wait_for_http(
+                child, instance.admin_port, "/ready", START_TIMEOUT, self._cancelled
+            )
+        print("  proxies ready (certificates and snapshots from the control plane)", flush=True)
+
+    def _wait_for_the_mesh(self, supervisor: Supervisor) -> None:
+        """Until a request to web comes back 200 through web -> api -> store."""
+        web = self.topology.web
+        last = ["no answer yet"]
+
+        def through() -> bool:
+            url = f"http://{topology.LOOPBACK}:{web.app_port}/"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return bool(response.status == 200)
+            except urllib.error.HTTPError as exc:
+                last[0] = f"{exc.code}: {exc.read()[:300].decode('utf-8', 'replace')}"
+            except OSError as exc:
+                last[0] = str(exc)
+            time.sleep(0.2)
+            return False
+
+        web_proxy = next(c for c in supervisor.children if c.name == _proxy_name(web))
+        try:
+            supervisor.wait_until(
+                web_proxy,
+                "a request to web to come back 200 through api and store",
+                through,
+                MESH_TIMEOUT,
+                self._cancelled,
+            )
+        except StartError as exc:
+            raise StartError(
+                exc.args[0], f"web's last answer was {last[0]}\n{exc.detail}"
+            ) from None
+
+    def _print_where_to_look(self) -> None:
+        top = self.topology
+        m = self.meshling
+        env = _shown(self.workdir / "cp.env")
+        deny = _shown(self.workdir / "deny-web.yaml")
+        allow = _shown(self.workdir / "allow-web.yaml")
+        until = f"for {self.duration:g}s" if self.duration else "until Ctrl-C"
+        lines = [
+            "",
+            "where to look (from another terminal, in this directory):",
+            f"  source {env}        # MESHLING_CP={top.cp_url}, "
+            f"MESHLING_TOKEN_FILE={_shown(self.admin_token_file)}",
+            f"  {m} get dataplanes",
+            f"  {m} inspect dataplane api-1",
+            f"  {m} get trafficpermissions",
+            f'  curl -s -H "Authorization: Bearer $(cat {_shown(self.admin_token_file)})" '
+            f"{top.cp_url}/api/v1/Dataplane",
+            "  each proxy's metrics (Prometheus text):",
+        ]
+        lines += [
+            f"    {i.name:<6} http://{topology.LOOPBACK}:{i.admin_port}/metrics" for i in top.flow
+        ]
+        lines += [
+            "try a policy change (after the `source` above):",
+            f"  {m} apply -f {deny}",
+            "  turns the TrafficPermission web -> api to deny. Within a few seconds api's "
+            "proxies refuse web's",
+            "  calls: the table shows them as 403s (the 4xx column of web's outbound:api "
+            "row, `403` in the",
+            "  client line) and counts the connections denied. To allow web again:",
+            f"  {m} apply -f {allow}",
+            f"traffic: {self.rps:g} requests/s to web (127.0.0.1:{top.web.app_port}) {until}; "
+            "Ctrl-C stops everything",
+        ]
+        print("\n".join(lines), flush=True)
         print("  all proxies ready; sending traffic", flush=True)
 
-    # -- the traffic phase, on the event loop -----------------------------------
+    # -- 6. the traffic phase, on the event loop -----------------------------------
 
     async def _drive(self, supervisor: Supervisor) -> None:
         loop = asyncio.get_running_loop()
@@ -244,10 +557,10 @@ class Demo:
             loop.call_later(duration, lambda: request_stop(f"ran for {duration:g}s"))
 
         admins = {
-            i.name: HttpClient("127.0.0.1", i.admin_port, timeout=2.0, max_idle=1)
-            for i in self.topology.instances
+            i.name: HttpClient(topology.LOOPBACK, i.admin_port, timeout=2.0, max_idle=1)
+            for i in self.topology.flow
         }
-        web = HttpClient("127.0.0.1", self.topology.web.inbound_port, timeout=5.0, max_idle=64)
+        web = HttpClient(topology.LOOPBACK, self.topology.web.app_port, timeout=5.0, max_idle=64)
         began = loop.time()
         traffic = asyncio.create_task(TrafficLoop(web, self.rps, self.counts).run(stop))
         watcher = asyncio.create_task(self._watch(supervisor, request_stop))
@@ -279,15 +592,20 @@ class Demo:
     async def _report(self, admins: dict[str, HttpClient], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
+        every = self.report_every
         previous: dict[str, ProxyMetrics | str] = {}
+        statuses: dict[int, int] = {}
         for n in range(1, sys.maxsize):
-            await asyncio.sleep(max(0.0, began + n * REPORT_EVERY - loop.time()))
+            await asyncio.sleep(max(0.0, began + n * every - loop.time()))
             if stop.is_set():
                 return
             metrics = await self._scrape(admins)
-            title = f"\n[{n * REPORT_EVERY:.0f}s]"
-            print(render(title, metrics, self.counts, previous, REPORT_EVERY), flush=True)
-            previous = metrics
+            title = f"\n[{n * every:.0f}s] mesh {topology.MESH}, mTLS strict"
+            print(
+                render(title, metrics, self.counts, previous, every, previous_statuses=statuses),
+                flush=True,
+            )
+            previous, statuses = metrics, dict(self.counts.statuses)
 
     async def _scrape(self, admins: dict[str, HttpClient]) -> dict[str, ProxyMetrics | str]:
         async def one(client: HttpClient) -> ProxyMetrics | str:
@@ -305,17 +623,18 @@ class Demo:
         results = await asyncio.gather(*(one(c) for c in admins.values()))
         return dict(zip(admins, results, strict=True))
 
-    # -- stopping and the final word --------------------------------------------
+    # -- 7. stopping and the final word --------------------------------------------
 
     def _stop(self, supervisor: Supervisor) -> None:
         def hurry() -> bool:
             return self.interrupts > 1
 
-        # proxies first, so that no request is sent to an app that is going away
-        proxies = [_proxy_name(i) for i in self.topology.instances]
-        apps = [_app_name(i) for i in self.topology.instances]
-        supervisor.stop(proxies, STOP_DEADLINE, hurry)
-        supervisor.stop(apps, STOP_DEADLINE, hurry)
+        # proxies first, so that no request is sent to an app that is going away; the
+        # control plane last, so that no proxy loses it while still running
+        instances = self.topology.instances
+        supervisor.stop([_proxy_name(i) for i in instances], PROXY_STOP_DEADLINE, hurry)
+        supervisor.stop([_app_name(i) for i in instances], STOP_DEADLINE, hurry)
+        supervisor.stop([CONTROL_PLANE], STOP_DEADLINE, hurry)
 
     def _finish(self, supervisor: Supervisor) -> int:
         outcome = self.outcome
@@ -329,18 +648,17 @@ class Demo:
             print(f"\n{outcome.reason}")
         problems = [c for c in supervisor.children if c.killed]
         for child in problems:
-            print(
-                f"  {child.name} (pid {child.pid}) did not stop within {STOP_DEADLINE:g}s of SIGTERM; killed"
-            )
+            print(f"  {child.name} (pid {child.pid}) did not stop after SIGTERM; killed")
         for child in supervisor.children:
             # every child here exits 0 on SIGTERM; anything else is worth a note
             if child.signalled and not child.killed and child.returncode != 0:
                 print(f"  note: {child.name} (pid {child.pid}) {child.describe_exit()}")
         stopped = "all stopped" if not problems else "some had to be killed"
         print(
-            f"  {len(supervisor.children)} processes started, {stopped} (pids in {supervisor.pids_path})"
+            f"  {len(supervisor.children)} processes started, {stopped} "
+            f"(pids in {_shown(supervisor.pids_path)})"
         )
-        self._write_summary(supervisor)
+        self._write_summary(supervisor.children)
         sys.stdout.flush()
         if outcome.failed:
             print(f"meshling demo: {outcome.reason}", file=sys.stderr)
@@ -349,7 +667,7 @@ class Demo:
             return 1
         return 1 if problems else 0
 
-    def _write_summary(self, supervisor: Supervisor) -> None:
+    def _write_summary(self, children: list[Child]) -> None:
         proxies: dict[str, Any] = {}
         for name, metrics in self.outcome.final.items():
             if isinstance(metrics, str):
@@ -367,23 +685,35 @@ class Demo:
                         "success_rate": row.success_rate,
                         "p50_seconds": row.quantile(0.5),
                         "p99_seconds": row.quantile(0.99),
+                        "mtls_handshakes": (tls.handshakes if (tls := metrics.mtls(row)) else None),
                     }
                     for row in metrics.rows
                 ],
                 "connections": metrics.connections,
+                "tls": {
+                    f"{direction}/{name}": asdict(counts)
+                    for (direction, name), counts in metrics.tls.items()
+                },
+                "denied": metrics.denied,
             }
         counts = asdict(self.counts)
         counts.pop("latency")
         counts["p50_seconds"] = self.counts.latency.quantile(0.5)
         counts["p99_seconds"] = self.counts.latency.quantile(0.99)
+        services = {
+            service: asdict(calls) | {"success_rate": calls.success_rate}
+            for service, calls in calls_by_service(self.outcome.final).items()
+        }
         document = {
             "reason": self.outcome.reason,
             "failed": self.outcome.failed,
+            "control_plane": self.topology.cp_url,
             "proxies": proxies,
+            "services": services,
             "client": counts,
             "processes": [
                 {"name": c.name, "pid": c.pid, "returncode": c.returncode, "killed": c.killed}
-                for c in supervisor.children
+                for c in children
             ],
         }
         path = self.workdir / "summary.json"
@@ -393,12 +723,45 @@ class Demo:
             print(f"  could not write {path}: {exc}", file=sys.stderr)
 
 
+def _issue_dataplane_token(cp_url: str, admin_token: str, mesh: str, service: str) -> str:
+    """A dataplane token for `service` from `POST /api/v1/tokens/dataplane`."""
+    from meshling.controlplane.client import ApiError, Unreachable
+
+    body = json.dumps({"mesh": mesh, "service": service, "ttl": _DATAPLANE_TOKEN_TTL}).encode()
+    request = urllib.request.Request(
+        f"{cp_url}/api/v1/tokens/dataplane",
+        data=body,
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()[:300].decode("utf-8", "replace")
+        raise ApiError(
+            exc.code, f"a dataplane token for {service}: HTTP {exc.code}: {text}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise Unreachable(cp_url, str(exc)) from None
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token:
+        raise ApiError(0, f"a dataplane token for {service}: no token in {answer!r}")
+    return token
+
+
 def run(args: list[str]) -> int:
-    """Entry point of `meshling demo [--duration SECONDS] [--rps N] [--workdir DIR]`."""
+    """Entry point of `meshling demo [--duration SECONDS] [--rps N] [--workdir DIR] ...`."""
     if args[:1] == ["--"]:
         # `meshling demo -- --rps 5`: the separator is for the outer parser
         args = args[1:]
-    return Demo(_parse_args(args)).run()
+    options = _parse_args(args)
+    nginx = find_nginx(options.nginx)
+    if nginx is None:
+        where = options.nginx or "nginx on PATH or /usr/sbin/nginx"
+        print(f"meshling demo: cannot find {where}: {_NGINX_HINT}", file=sys.stderr)
+        return 1
+    return Demo(options, nginx).run()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""The demo's sample services: small HTTP/1.1 servers that the mesh sits in front of.
+"""The demo's sample services in Python: small HTTP/1.1 servers that the mesh sits next to.
 
-`api` answers JSON about itself after a little random latency and fails ~2% of the
-time, so that the proxies' metrics have something to show. `web` answers each request
-by calling `api` through its local proxy's outbound listener and combining the answers.
+`api` answers JSON about itself after a little random latency, fails ~2% of the time (so
+that the proxies' metrics have something to show) and, given `--upstream-port`, asks the
+store through its local proxy's outbound listener and includes the answer. `web` answers
+each request by calling `api` through its local proxy's outbound listener and combining
+the answers. Neither knows anything of TLS or identities: their proxies do that.
 
 Run one as a process::
 
-    python -m meshling.demo.services api --port 8081 --instance v1
-    python -m meshling.demo.services web --port 8080 --instance w1 --upstream-port 15001
+    python -m meshling.demo.services api --port 8081 --instance api-1 --upstream-port 15002
+    python -m meshling.demo.services web --port 8080 --instance web --upstream-port 15001
 
 Each is an asyncio server (uvloop) with httptools parsing, keep-alive and pipelining;
 it stops on SIGTERM or SIGINT after finishing the requests it is serving.
@@ -219,15 +221,44 @@ class HttpServer:
             return Reply(500, {"error": f"{type(exc).__name__}: {exc}"})
 
 
+async def call_upstream(
+    upstream: HttpClient, service: str, request: Request, document: dict[str, Any]
+) -> Reply | None:
+    """Ask `service` through the local proxy's outbound and put its answer in `document`
+    under the service's name. None if it answered 2xx or 3xx; otherwise the reply to give
+    instead: its own status for a 4xx (a 403 from the mesh says the call was not
+    permitted, and the caller should see that), 502 for a 5xx or no answer at all."""
+    headers = {"host": service}
+    # pass the request id on so that the hops of one request can be matched up
+    if "x-request-id" in request.headers:
+        headers["x-request-id"] = request.headers["x-request-id"]
+    try:
+        answer = await upstream.get(request.path, headers)
+    except ClientError as exc:
+        document["error"] = f"{service} unreachable: {exc}"
+        return Reply(502, document)
+    try:
+        document[service] = json.loads(answer.body)
+    except ValueError:
+        document[service] = {"status": answer.status, "body": answer.body[:200].decode("latin-1")}
+    if answer.status < 400:
+        return None
+    document["error"] = f"{service} answered {answer.status}"
+    return Reply(answer.status if answer.status < 500 else 502, document)
+
+
 @dataclass
 class ApiService:
-    """One instance of `api`: JSON about itself, a little latency, a few failures."""
+    """One instance of `api`: JSON about itself (and the store's answer), a little
+    latency, a few failures."""
 
     instance: str
     error_rate: float = 0.02
     # median latency; the tail is longer, as real services' are
     latency: float = 0.004
     rng: random.Random = field(default_factory=random.Random)
+    # the local proxy's outbound to the store; None: api answers on its own
+    store: HttpClient | None = None
 
     async def __call__(self, request: Request) -> Reply:
         delay = self.rng.lognormvariate(0.0, 0.5) * self.latency
@@ -242,6 +273,10 @@ class ApiService:
         if self.rng.random() < self.error_rate:
             document["error"] = "simulated failure"
             return Reply(500, document)
+        if self.store is not None:
+            refused = await call_upstream(self.store, "store", request, document)
+            if refused is not None:
+                return refused
         return Reply(200, document)
 
 
@@ -258,23 +293,8 @@ class WebService:
             "instance": self.instance,
             "path": request.path,
         }
-        headers = {"host": "api"}
-        # pass the request id on so that both hops of one request can be matched up
-        if "x-request-id" in request.headers:
-            headers["x-request-id"] = request.headers["x-request-id"]
-        try:
-            answer = await self.upstream.get(request.path, headers)
-        except ClientError as exc:
-            document["error"] = f"api unreachable: {exc}"
-            return Reply(502, document)
-        try:
-            document["api"] = json.loads(answer.body)
-        except ValueError:
-            document["api"] = {"status": answer.status, "body": answer.body[:200].decode("latin-1")}
-        if answer.status >= 500:
-            document["error"] = f"api answered {answer.status}"
-            return Reply(502, document)
-        return Reply(200, document)
+        refused = await call_upstream(self.upstream, "api", request, document)
+        return refused if refused is not None else Reply(200, document)
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -287,7 +307,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--upstream-port",
         type=int,
-        help="web only: the local proxy's outbound listener port for api",
+        help="the local proxy's outbound listener port for the service this one calls "
+        "(web: api, required; api: store, optional)",
     )
     parser.add_argument(
         "--error-rate", type=float, default=0.02, help="api only: share of 500 answers"
@@ -309,6 +330,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """Run the chosen service until SIGTERM or SIGINT."""
     upstream: HttpClient | None = None
+    if args.upstream_port is not None:
+        upstream = HttpClient("127.0.0.1", args.upstream_port, timeout=10.0)
     service: Service
     if args.service == "api":
         service = ApiService(
@@ -316,9 +339,10 @@ async def serve(args: argparse.Namespace) -> None:
             error_rate=args.error_rate,
             latency=args.latency_ms / 1000,
             rng=random.Random(args.seed),
+            store=upstream,
         )
     else:
-        upstream = HttpClient("127.0.0.1", args.upstream_port, timeout=10.0)
+        assert upstream is not None
         service = WebService(args.instance, upstream)
     server = HttpServer(service, args.port)
     await server.start()

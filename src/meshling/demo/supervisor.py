@@ -1,6 +1,6 @@
 """The demo's child processes: started, recorded, watched, waited for and stopped by PID.
 
-Every child writes its output to `<workdir>/<name>.log` and is recorded in
+Every child writes its output to `<workdir>/logs/<name>.log` and is recorded in
 `<workdir>/pids` (one `name pid` line each) as soon as it starts, so that anyone can
 check afterwards that none is left. Children run in their own process group, so a
 Ctrl-C in the terminal reaches only the demo, which then stops them in order; on Linux
@@ -85,11 +85,20 @@ class Supervisor:
         self.children: list[Child] = []
         self.pids_path = workdir / "pids"
         self.pids_path.write_text("", encoding="utf-8")
+        self.logs = workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
 
     def start(self, name: str, argv: list[str]) -> Child:
-        log_path = self.workdir / f"{name}.log"
+        log_path = self.logs / f"{name}.log"
         log = log_path.open("wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # every setting a child needs is on its command line; meshling's environment
+        # variables (a MESHLING_LISTEN, a MESHLING_CP) would override or contradict them
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("MESHLING_") or key == "MESHLING_LOG_LEVEL"
+        }
+        env["PYTHONUNBUFFERED"] = "1"
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -123,22 +132,33 @@ class Supervisor:
 
         self._wait(child, f"port {port} to accept connections", accepts, timeout, cancelled)
 
-    def wait_for_ready(
-        self, child: Child, port: int, timeout: float, cancelled: Callable[[], bool]
+    def wait_for_http(
+        self, child: Child, port: int, path: str, timeout: float, cancelled: Callable[[], bool]
     ) -> None:
-        """Until `GET /ready` on the admin port answers 200."""
+        """Until `GET <path>` on 127.0.0.1:port answers 200."""
 
         def ready() -> bool:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
             try:
-                conn.request("GET", "/ready")
+                conn.request("GET", path)
                 return conn.getresponse().status == 200
             except (OSError, http.client.HTTPException):
                 return False
             finally:
                 conn.close()
 
-        self._wait(child, f"GET 127.0.0.1:{port}/ready to answer 200", ready, timeout, cancelled)
+        self._wait(child, f"GET 127.0.0.1:{port}{path} to answer 200", ready, timeout, cancelled)
+
+    def wait_until(
+        self,
+        child: Child,
+        what: str,
+        done: Callable[[], bool],
+        timeout: float,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """Until `done()`, failing if `child` exits first; `what` names the wait in errors."""
+        self._wait(child, what, done, timeout, cancelled)
 
     def _wait(
         self,
