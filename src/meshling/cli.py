@@ -60,6 +60,7 @@ def _proxy_run_cp(args: argparse.Namespace, cp: str) -> int:
     token_file = args.token_file or os.environ.get("MESHLING_TOKEN_FILE")
     dataplane = args.dataplane or os.environ.get("MESHLING_DATAPLANE")
     data_dir = args.data_dir or os.environ.get("MESHLING_DATA_DIR") or DEFAULT_DATA_DIR
+    cp_ca_file = args.cp_ca_file or os.environ.get("MESHLING_CP_CA_FILE")
     try:
         addresses = parse_addresses(cp)
         if not token_file:
@@ -71,7 +72,7 @@ def _proxy_run_cp(args: argparse.Namespace, cp: str) -> int:
         return 2
     from meshling.agent.agent import run
 
-    return run(AgentSettings(addresses, token_file, dataplane, data_dir))
+    return run(AgentSettings(addresses, token_file, dataplane, data_dir, cp_ca_file))
 
 
 def _proxy_validate(args: argparse.Namespace) -> int:
@@ -186,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help="with --cp: where the snapshot and credentials are cached, made 0700 "
         "(env MESHLING_DATA_DIR; default ./meshling-proxy)",
+    )
+    run.add_argument(
+        "--cp-ca-file",
+        help="with an https:// --cp: the CA certificates (PEM) that vouch for the control "
+        "plane's server certificate (env MESHLING_CP_CA_FILE; default the system's)",
     )
     run.set_defaults(func=_proxy_run)
     validate = proxy_commands.add_parser("validate", help="check a snapshot file and exit")

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import random
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -32,7 +33,13 @@ from meshling import __version__
 from meshling.agent.backoff import Addresses, Backoff
 from meshling.agent.datadir import Credentials, DataDir, DataDirError, check_pair
 from meshling.agent.renewal import CertificateTimes
-from meshling.agent.settings import AgentSettings, SettingsError, read_dataplane, read_token
+from meshling.agent.settings import (
+    AgentSettings,
+    SettingsError,
+    client_tls,
+    read_dataplane,
+    read_token,
+)
 from meshling.agent.sign import SignError, request_certificate
 from meshling.configstream import (
     STREAM_PATH,
@@ -98,6 +105,8 @@ class Agent:
         self.metrics = Metrics()
         self.stats = ControlPlaneStats()
         self.metrics.control_plane = self.stats
+        # verifies https:// control planes; made by prepare()
+        self.cp_tls: ssl.SSLContext | None = None
         # set by prepare()
         self.document: dict[str, Any] = {}
         self.dataplane: Any = None
@@ -118,6 +127,8 @@ class Agent:
         """
         read_token(self.settings.token_file)
         self.document, self.dataplane = read_dataplane(self.settings.dataplane_file)
+        if any(url.startswith("https://") for url in self.settings.control_planes):
+            self.cp_tls = client_tls(self.settings.cp_ca_file)
         self.data.prepare()
 
     async def start_from_cache(self) -> bool:
@@ -227,6 +238,7 @@ class Agent:
                 ping_timeout=PING_TIMEOUT,
                 max_size=MAX_MESSAGE_BYTES,
                 proxy=None,
+                ssl=self.cp_tls if url.startswith("https://") else None,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -298,7 +310,7 @@ class Agent:
         # a new key per certificate: a key that leaked stops working at the next renewal
         identity = SpiffeId.for_service(self.dataplane.mesh, self.dataplane.service)
         key, csr = make_key_and_csr(identity)
-        signed = await request_certificate(url, token, self.dataplane.name, csr)
+        signed = await request_certificate(url, token, self.dataplane.name, csr, tls=self.cp_tls)
         now = self.clock()
         try:
             times = CertificateTimes.from_pem(signed.certificate, obtained=now)

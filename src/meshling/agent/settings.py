@@ -4,13 +4,16 @@
 * the dataplane token file (a bearer token from `meshling token dataplane`); it is read
   again before every connection, so a replaced token takes effect without a restart;
 * the Dataplane document (YAML or JSON), validated as the control plane will validate it;
-* the data directory (see `datadir`).
+* the data directory (see `datadir`);
+* for `https://` addresses, the CA file that vouches for the control plane's server
+  certificate when it is not signed by a CA the system trusts.
 
 Every error names the file or option, the field and what to do.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +33,18 @@ class AgentSettings:
     token_file: str
     dataplane_file: str
     data_dir: str = DEFAULT_DATA_DIR
+    # PEM CA certificates for the control plane's https:// server; None: the system's
+    cp_ca_file: str | None = None
+
+
+def client_tls(cp_ca_file: str | None) -> ssl.SSLContext:
+    """The TLS client context for `https://` control planes: hostname and chain checked,
+    against `cp_ca_file` when given, else the system's trusted CAs."""
+    try:
+        return ssl.create_default_context(cafile=cp_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SettingsError(f"--cp-ca-file: cannot load {cp_ca_file}: {reason}") from None
 
 
 def parse_addresses(text: str) -> tuple[str, ...]:

@@ -51,15 +51,26 @@ class SignedCertificate:
 
 
 async def request_certificate(
-    base_url: str, token: str, dataplane: str, csr: bytes, *, timeout: float = TIMEOUT
+    base_url: str,
+    token: str,
+    dataplane: str,
+    csr: bytes,
+    *,
+    timeout: float = TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> SignedCertificate:
-    """Have the control plane at `base_url` sign `csr`. Raises SignError."""
+    """Have the control plane at `base_url` sign `csr`. Raises SignError.
+
+    `tls` verifies an `https://` control plane (default: the system's trusted CAs).
+    """
     body = json.dumps({"csr": csr.decode("ascii"), "dataplane": dataplane}).encode()
     try:
         async with asyncio.timeout(timeout):
-            status, answer = await _post(base_url, SIGN_PATH, token, body)
+            status, answer = await _post(base_url, SIGN_PATH, token, body, tls)
     except TimeoutError:
         raise SignError(f"no answer from {base_url} within {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        raise SignError(f"TLS with {base_url} failed: {exc.reason or exc}") from None
     except OSError as exc:
         raise SignError(f"cannot reach {base_url}: {exc.strerror or exc}") from None
     except ParseError as exc:
@@ -92,12 +103,14 @@ def _signed(base_url: str, document: Any) -> SignedCertificate:
     )
 
 
-async def _post(base_url: str, path: str, token: str, body: bytes) -> tuple[int, bytes]:
+async def _post(
+    base_url: str, path: str, token: str, body: bytes, tls: ssl.SSLContext | None
+) -> tuple[int, bytes]:
     parts = urlsplit(base_url)
     secure = parts.scheme == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
-    context = ssl.create_default_context() if secure else None
+    context = (tls or ssl.create_default_context()) if secure else None
     reader, writer = await asyncio.open_connection(host, port, ssl=context)
     try:
         authority = parts.netloc.rpartition("@")[2].encode("idna")
