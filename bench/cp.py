@@ -613,11 +613,11 @@ class SizeRun:
             current = await api.call("GET", f"/api/v1/Mesh/{MESH}/{MESH}")
             mesh["metadata"]["version"] = current["metadata"]["version"]
             await api.call("PUT", f"/api/v1/Mesh/{MESH}/{MESH}", mesh)
+        # before the dataplanes: the permissions select none of them yet
+        unmatched = "/api/v1/resources?allow_unmatched=true"
         for index in range(services):
-            await api.call("POST", "/api/v1/resources", callers_permission(index, services))
-        created = await api.call(
-            "POST", "/api/v1/resources", everywhere_permission(new_marker(0), None)
-        )
+            await api.call("POST", unmatched, callers_permission(index, services))
+        created = await api.call("POST", unmatched, everywhere_permission(new_marker(0), None))
         self.everywhere_version: int = created["metadata"]["version"]
 
         if self.args.register == "api":

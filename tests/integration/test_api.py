@@ -229,6 +229,67 @@ def test_stale_update_is_409_and_changes_nothing(tmp_path: Path) -> None:
     with_api(tmp_path, scenario)
 
 
+def permission(name: str, destination: str) -> dict[str, Any]:
+    return {
+        "kind": "TrafficPermission",
+        "metadata": {"name": name, "mesh": "default"},
+        "spec": {
+            "destination": {"service": destination},
+            "rules": [{"action": "allow", "sources": [{"service": "web"}]}],
+        },
+    }
+
+
+def test_a_policy_selecting_no_dataplane_is_400_unless_allowed(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, store: Store) -> None:
+        # no dataplane at all: not even "*" selects one
+        for destination, why in (
+            ("api", "no dataplane of service api is registered"),
+            ("*", "no dataplane is registered"),
+        ):
+            r = await client.post(
+                "/api/v1/resources", json=permission("p", destination), headers=AUTH
+            )
+            assert r.status_code == 400, r.text
+            body = r.json()
+            assert body["error"] == "TrafficPermission default/p selects no dataplane"
+            assert body["field"] == "spec.destination.service"
+            assert body["reason"] == f"selects no dataplane in mesh default: {why}"
+        assert await store.list("TrafficPermission") == []
+
+        r = await client.post(
+            "/api/v1/resources?allow_unmatched=maybe", json=permission("p", "api"), headers=AUTH
+        )
+        assert r.status_code == 400 and r.json()["field"] == "allow_unmatched"
+        # stored anyway when asked, as before the workloads register
+        r = await client.post(
+            "/api/v1/resources?allow_unmatched=true", json=permission("early", "api"), headers=AUTH
+        )
+        assert r.status_code == 201, r.text
+
+        # once a dataplane of api is registered, both select it
+        assert (await client.post("/api/v1/resources", json=dataplane(), headers=AUTH)).is_success
+        for name, destination in (("api", "api"), ("any", "*")):
+            r = await client.post(
+                "/api/v1/resources", json=permission(name, destination), headers=AUTH
+            )
+            assert r.status_code == 201, r.text
+        # moving one onto nothing is refused, and changes nothing
+        moved = r.json()
+        moved["spec"]["destination"]["service"] = "apii"
+        r = await client.put("/api/v1/TrafficPermission/default/any", json=moved, headers=AUTH)
+        assert r.status_code == 400 and "service apii" in r.json()["reason"], r.text
+        stored = await store.get("TrafficPermission", "default", "any")
+        assert (stored.version, stored.spec["destination"]) == (1, {"service": "*"})
+        # another mesh's dataplanes do not count
+        other = permission("elsewhere", "api")
+        other["metadata"]["mesh"] = "other"
+        r = await client.post("/api/v1/resources", json=other, headers=AUTH)
+        assert r.status_code == 400 and "in mesh other" in r.json()["reason"], r.text
+
+    with_api(tmp_path, scenario)
+
+
 def test_not_found_is_404(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, store: Store) -> None:
         r = await client.get("/api/v1/Dataplane/default/nope", headers=AUTH)

@@ -215,6 +215,71 @@ def test_an_invalid_document_stops_the_whole_apply(
     assert stored(cp) == {"Mesh": [], "Dataplane": [], "TrafficPermission": []}
 
 
+def test_a_policy_must_follow_what_it_selects_unless_allow_unmatched(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    documents = RESOURCES.split("---\n")
+    # the permission before the dataplanes it selects: refused before anything is sent
+    file = tmp_path / "early.yaml"
+    file.write_text("---\n".join([documents[0], documents[3], documents[1], documents[2]]))
+    assert run(["apply", "-f", str(file), *cp.args()]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        f"{file} (document 2): spec.destination.service: selects no dataplane in mesh "
+        "default: no dataplane of service api is registered (apply it once they register, "
+        "or store it anyway with --allow-unmatched)"
+    ) in captured.err
+    assert "1 of 4 documents would be refused; nothing applied" in captured.err
+    assert stored(cp) == {"Mesh": [], "Dataplane": [], "TrafficPermission": []}
+
+    assert run(["apply", "--allow-unmatched", "-f", str(file), *cp.args()]) == 0
+    assert stored(cp)["TrafficPermission"] == ["web-to-api"]
+    # in the order of RESOURCES, a dataplane applied before it is enough
+    for kind, name in (("TrafficPermission", "web-to-api"), ("Dataplane", "api-1")):
+        cp.client().delete(kind, "default", name)
+    file.write_text(RESOURCES)
+    capsys.readouterr()
+    assert run(["apply", "-f", str(file), *cp.args()]) == 0, capsys.readouterr().err
+
+
+def test_an_edit_of_a_stale_read_is_refused(
+    cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "resources.yaml"
+    file.write_text(RESOURCES)
+    assert run(["apply", "-f", str(file), *cp.args()]) == 0
+    capsys.readouterr()
+    assert run(["get", "dataplane", "web-1", "-o", "yaml", *cp.args()]) == 0
+    read = yaml.safe_load(capsys.readouterr().out)
+    # unchanged and current: applies
+    file.write_text(yaml.safe_dump(read))
+    assert run(["apply", "-f", str(file), *cp.args()]) == 0
+    assert capsys.readouterr().out == "Dataplane/default/web-1 unchanged\n"
+    # edited and current: applies, and moves the version on
+    read["spec"]["address"] = "10.0.0.9"
+    file.write_text(yaml.safe_dump(read))
+    assert run(["apply", "-f", str(file), *cp.args()]) == 0
+    assert capsys.readouterr().out == "Dataplane/default/web-1 configured\n"
+    # edited again from the same, now stale, read: refused
+    read["spec"]["address"] = "10.0.0.10"
+    file.write_text(yaml.safe_dump(read))
+    assert run(["apply", "-f", str(file), *cp.args()]) == 1
+    err = capsys.readouterr().err
+    version = read["metadata"]["version"]
+    assert (
+        f"{file} (document 1): metadata.version: stale version {version}: "
+        f"Dataplane/default/web-1 is at version {version + 1}"
+    ) in err, err
+    current = cp.client().read("Dataplane", "default", "web-1")
+    assert current["spec"]["address"] == "10.0.0.9"
+    # a version that is no version
+    read["metadata"]["version"] = "latest"
+    file.write_text(yaml.safe_dump(read))
+    assert run(["apply", "-f", str(file), *cp.args()]) == 1
+    assert "metadata.version: expected the positive integer" in capsys.readouterr().err
+
+
 def test_get_as_table_yaml_and_json_with_a_selector(
     cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

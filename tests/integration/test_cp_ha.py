@@ -1,16 +1,20 @@
 """Two `meshling control-plane run` replicas on one PostgreSQL schema: what is applied on
 one reaches streams on the other, status written by one is read through the other, they
-sign with the same keys, and the proxies of a replica that dies go offline on their own."""
+sign with the same keys, the proxies of a replica that dies go offline on their own, and
+a real proxy given both addresses fails over to the survivor without failing a request."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -20,6 +24,9 @@ from meshling.configstream import Push
 from meshling.controlplane.store.postgres import redact
 from meshling.identity import Bundle, SpiffeId, make_key_and_csr, verify_svid
 
+from .conftest import Nginx, free_port, http_get, wait_for
+from .test_agent import metric
+from .test_agent_cp import Dataplane
 from .test_cp_stream import (
     ControlPlane,
     ProxyClient,
@@ -28,6 +35,7 @@ from .test_cp_stream import (
     run,
     start_control_plane,
 )
+from .test_lifecycle import Load
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +171,127 @@ def test_cp_ha_the_proxies_of_a_dead_replica_go_offline(
         await proxy.close()
 
     run(body())
+
+
+class Addresses:
+    """Both replicas as a proxy is given them, `--cp FIRST,SECOND`; tokens come from the
+    first (either would do: they share the signing key)."""
+
+    def __init__(self, first: ControlPlane, second: ControlPlane) -> None:
+        self.first = first
+        self.second = second
+
+    @property
+    def url(self) -> str:
+        return f"{self.first.url},{self.second.url}"
+
+    def call(self, method: str, path: str, body: Any) -> Any:
+        r = httpx.request(method, self.first.url + path, json=body, headers=self.first.auth)
+        assert r.is_success, r.text
+        return r.json()
+
+
+def web_to_api(action: str) -> dict[str, Any]:
+    return {
+        "kind": "TrafficPermission",
+        "metadata": {"name": "web-to-api", "mesh": "default"},
+        "spec": {
+            "destination": {"service": "api"},
+            "rules": [{"action": action, "sources": [{"service": "web"}]}],
+        },
+    }
+
+
+def test_cp_ha_a_proxy_fails_over_to_the_surviving_replica_without_a_failed_request(
+    replicas: tuple[ControlPlane, ControlPlane], nginx: Nginx, tmp_path: Path
+) -> None:
+    a, b = replicas
+    by_id = {"a": a, "b": b}
+    a.apply(
+        {
+            "kind": "Mesh",
+            "metadata": {"name": "default"},
+            "spec": {"mtls": {"enabled": True, "mode": "strict"}},
+        }
+    )
+    # before api-1 registers: it selects nothing yet
+    r = a.post("/api/v1/resources?allow_unmatched=true", web_to_api("allow"))
+    assert r.status_code == 201, r.text
+    inbound, outbound = free_port(), free_port()
+    # api-1 tries A first, web-1 B first: a replica's death moves only its own proxies
+    api = Dataplane(
+        tmp_path,
+        Addresses(a, b),
+        "api-1",
+        {
+            "service": "api",
+            "address": "127.0.0.1",
+            "inbounds": [{"port": inbound, "service_port": nginx.port, "protocol": "http"}],
+            "admin": {"port": free_port()},
+        },
+    )
+    web = Dataplane(
+        tmp_path,
+        Addresses(b, a),
+        "web-1",
+        {
+            "service": "web",
+            "address": "127.0.0.1",
+            "outbounds": [{"port": outbound, "service": "api", "protocol": "http"}],
+            "admin": {"port": free_port()},
+        },
+    )
+    try:
+        api.start()
+        web.start()
+        wait_for(api.ready, 30, "api proxy ready")
+        wait_for(web.ready, 30, "web proxy ready")
+        wait_for(
+            lambda: http_get(f"http://127.0.0.1:{outbound}/hello")[0] == 200,
+            30,
+            "web -> api over mTLS",
+        )
+        wait_for(lambda: a.status()["api-1"]["applied"] is not None, 10, "api-1 applied")
+        status = a.status()["api-1"]
+        assert status["online"], status
+        victim = by_id[status["replica"]]
+        survivor = b if victim is a else a
+        survivor_id = "b" if survivor is b else "a"
+        applied = status["applied"]
+
+        load = Load(outbound, clients=4, seconds=60, path="/hello")
+        try:
+            time.sleep(1)
+            victim.stop(signal.SIGKILL)
+            wait_for(
+                lambda: (s := survivor.status()["api-1"])["online"] and s["replica"] == survivor_id,
+                15,
+                "api-1 online through the surviving replica",
+            )
+            assert metric(api.metrics(), "meshling_control_plane_connected") == 1
+            wait_for(lambda: survivor.status()["web-1"]["online"], 15, "web-1 online")
+            time.sleep(1)
+        finally:
+            load.finish()
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 100
+        status = survivor.status("api-1")
+        assert (status["replica"], status["applied"]) == (survivor_id, applied)
+        assert f"config stream open to {survivor.url} (running {applied})" in api.logs()
+
+        # a change applied through the survivor reaches the proxy and its traffic
+        survivor.apply(web_to_api("deny"))
+        wait_for(
+            lambda: survivor.status()["api-1"]["applied"] not in (None, applied),
+            10,
+            "api-1 applies the deny",
+        )
+        config = json.loads(http_get(api.admin + "/config")[1])
+        assert config["version"] == survivor.status()["api-1"]["applied"]
+        # a connection of the old chain closes after its current response: the next is
+        # a new connection, refused
+        wait_for(lambda: http_get(f"http://127.0.0.1:{outbound}/hello")[0] == 403, 10, "web denied")
+        assert metric(api.metrics(), "meshling_control_plane_connected") == 1
+    finally:
+        web.stop_all()
+        api.stop_all()

@@ -1,6 +1,7 @@
 """`meshling apply`, `get`, `delete`, `token` and `inspect`: the control plane through its API.
 
-    meshling apply -f FILE|DIR|-            create or update every document, in order
+    meshling apply -f FILE|DIR|- [--allow-unmatched]
+                                            create or update every document, in order
     meshling get KIND [NAME] [--mesh M] [-l k=v,...] [-o table|yaml|json]
     meshling delete KIND NAME [--mesh M]
     meshling token dataplane --service S [--mesh M] [--ttl 24h] [-o FILE]
@@ -12,8 +13,12 @@ admin token is `--token`, `--token-file F`, env `MESHLING_TOKEN` or `MESHLING_TO
 in that order, else `./meshling-admin.token` or `./meshling-cp/admin.token` when there is
 one (the latter is where `meshling control-plane run` writes it by default).
 
-`apply` validates every document with the control plane's own rules before it sends any,
-so a set with one bad document changes nothing. Exit status: 0 done, 1 refused (an invalid
+`apply` checks every document before it sends any, so a set with one bad document
+changes nothing: the YAML, each document with the control plane's own rules, then against
+what is stored: a policy must select a registered dataplane (or one applied before it in
+the same set; `--allow-unmatched` stores it anyway, for policies applied before their
+workloads register), and a document that carries `metadata.version` (it was read with
+`get -o yaml` and edited) must still be at that version. Exit status: 0 done, 1 refused (an invalid
 document, an unknown resource, a refusal of the API), 2 usage errors and an unreachable
 control plane.
 """
@@ -37,11 +42,20 @@ from meshling.controlplane.client import (
     ApiError,
     Client,
     Unreachable,
+    given_version,
     identity,
     without_read_only,
 )
-from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, kinds, parse_resource
+from meshling.controlplane.resources import (
+    DATAPLANE_KIND,
+    MESH_KIND,
+    Dataplane,
+    kinds,
+    parse_dataplane,
+    parse_resource,
+)
 from meshling.controlplane.resources.metadata import parse_selector as read_selector
+from meshling.policies import policy_type
 from meshling.snapshot.load import SnapshotError
 
 DEFAULT_CP = "http://127.0.0.1:5681"
@@ -119,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE|DIR|-",
         help="a file, a directory (its *.yaml, *.yml and *.json files, sorted), or - "
         "for standard input; may be repeated",
+    )
+    apply.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="store policies that select no registered dataplane (yet), as when policies "
+        "are applied before their workloads register",
     )
     apply.set_defaults(func=_apply)
 
@@ -203,11 +223,24 @@ def _apply(options: argparse.Namespace) -> int:
     if not documents:
         raise CliError(f"no resource documents in {', '.join(options.filename)}")
     client = connect(options)
+    refused = preflight(client, documents, allow_unmatched=options.allow_unmatched)
+    if refused:
+        for problem in refused:
+            print(problem, file=sys.stderr)
+        print(
+            f"error: {len(refused)} of {len(documents)} documents would be refused; "
+            "nothing applied",
+            file=sys.stderr,
+        )
+        return 1
     for done, document in enumerate(documents):
+        apply = functools.partial(
+            client.apply, document.content, allow_unmatched=options.allow_unmatched
+        )
         try:
-            action, _ = call(client, functools.partial(client.apply, document.content))
+            action, _ = call(client, apply)
         except ApiError as e:
-            print(f"{document.where}: {e}", file=sys.stderr)
+            print(f"{document.where}: {refusal(e, document)}", file=sys.stderr)
             if done:
                 print(
                     f"error: the {done} documents before it were applied, the rest were not",
@@ -380,10 +413,14 @@ def read_documents(target: str) -> list[Document]:
 
 
 def parse_documents(text: str, source: str) -> list[Document]:
+    """The documents of one file; malformed YAML is an error naming the document, line
+    and column (read before anything is sent, so nothing is applied)."""
+    loaded: list[Any] = []
     try:
-        loaded = list(yaml.safe_load_all(text))
+        for content in yaml.safe_load_all(text):
+            loaded.append(content)
     except yaml.YAMLError as e:
-        raise CliError(f"{source}: malformed YAML: {e}") from None
+        raise CliError(malformed(source, len(loaded) + 1, e) + "; nothing applied") from None
     return [
         Document(source, index, content)
         for index, content in enumerate(loaded, start=1)
@@ -391,8 +428,28 @@ def parse_documents(text: str, source: str) -> list[Document]:
     ]
 
 
+def malformed(source: str, index: int, error: yaml.YAMLError) -> str:
+    """A YAML syntax error as `FILE (document N, line L, column C): malformed YAML: ...`."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{source} (document {index}"
+    if mark is not None:
+        where += f", line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(error, "problem", None)
+    if not problem:
+        return f"{where}): malformed YAML: {error}"
+    context = getattr(error, "context", None)
+    return f"{where}): malformed YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def check(document: Document) -> str | None:
     """Why the control plane would refuse `document`, as `FILE (document N): field: reason`."""
+    metadata = document.content.get("metadata")
+    version = metadata.get("version") if isinstance(metadata, dict) else None
+    if version is not None and given_version(document.content) is None:
+        return (
+            f"{document.where}: metadata.version: expected the positive integer the "
+            f"resource was read at, got {version!r} (leave it out to apply regardless)"
+        )
     content = without_read_only(document.content)
     try:
         json.dumps(content, allow_nan=False)
@@ -404,6 +461,88 @@ def check(document: Document) -> str | None:
         where = f"{e.path}: " if e.path else ""
         return f"{document.where}: {where}{e.reason}"
     return None
+
+
+def preflight(client: Client, documents: list[Document], *, allow_unmatched: bool) -> list[str]:
+    """Why the control plane would refuse valid documents, given what it stores: a
+    policy that selects no dataplane, a document read at a version that is no longer
+    current. One line per refused document; empty when every one would be taken."""
+    problems: list[str] = []
+    # dataplanes by mesh and name: the stored ones, then those of this apply as it goes
+    dataplanes: dict[str, dict[str, Dataplane]] = {}
+
+    def of_mesh(mesh: str) -> dict[str, Dataplane]:
+        if mesh not in dataplanes:
+            listed = call(client, lambda: client.list_resources(DATAPLANE_KIND, mesh))
+            dataplanes[mesh] = {}
+            for item in listed:
+                try:
+                    stored = parse_dataplane(without_read_only(item), "control plane")
+                except SnapshotError:
+                    continue  # one that no longer parses selects nothing
+                dataplanes[mesh][stored.name] = stored
+        return dataplanes[mesh]
+
+    for document in documents:
+        kind, mesh, name = identity(document.content)
+        resource = parse_resource(without_read_only(document.content), document.source)
+        version = given_version(document.content)
+        if version is not None:
+            stale = _stale(client, document, version)
+            if stale:
+                problems.append(stale)
+                continue
+        if kind == DATAPLANE_KIND:
+            of_mesh(mesh)[name] = resource
+            continue
+        policy = policy_type(kind)
+        if policy is None or allow_unmatched:
+            continue
+        selection = policy.selects(resource, of_mesh(mesh).values())
+        if selection.empty:
+            problems.append(
+                f"{document.where}: {selection.field}: {selection.unmatched(mesh)} (apply "
+                "it once they register, or store it anyway with --allow-unmatched)"
+            )
+    return problems
+
+
+def _stale(client: Client, document: Document, version: int) -> str | None:
+    """Why a document read at `version` would be refused, if the stored one moved on."""
+    kind, mesh, name = identity(document.content)
+    what = address(kind, mesh, name)
+    try:
+        current = call(client, lambda: client.read(kind, mesh, name))
+    except ApiError as e:
+        if e.status != 404:
+            raise CliError(f"{document.where}: {e}") from None
+        return (
+            f"{document.where}: metadata.version: {what} was read at version {version} "
+            "and has been deleted since (leave metadata.version out to create it again)"
+        )
+    stored = current.get("metadata", {}).get("version")
+    if stored == version:
+        return None
+    return (
+        f"{document.where}: metadata.version: stale version {version}: {what} is at "
+        f"version {stored}, someone changed it since it was read. Read it again "
+        f"(meshling get {kind} {name} --mesh {mesh} -o yaml), redo the change on that, "
+        "and apply it"
+    )
+
+
+def refusal(error: ApiError, document: Document) -> str:
+    """An API refusal of one document while applying, with what to do about it."""
+    if error.status == 409 and "current" in error.body:
+        kind, mesh, name = identity(document.content)
+        return (
+            f"metadata.version: stale version {error.body.get('given')}: "
+            f"{address(kind, mesh, name)} is at version {error.body.get('current')}, someone "
+            "changed it since it was read. Read it again, redo the change, and apply it"
+        )
+    if error.body.get("unmatched") and error.field and error.reason:
+        return f"{error.field}: {error.reason} (store it anyway with --allow-unmatched)"
+    return str(error)
 
 
 # talking to the control plane

@@ -2,7 +2,8 @@
 (so that the command line needs nothing beyond the runtime dependencies).
 
 `Client(url, token)` creates, reads, lists and deletes resources, and `apply`s documents:
-create, or replace what is stored when it differs; it also issues and revokes dataplane
+create, or replace what is stored when it differs (based on the document's
+`metadata.version` when it carries one, so that an edit of a stale read is refused); it also issues and revokes dataplane
 tokens and reads dataplane status. A refusal of the API raises `ApiError`
 with the server's message and field path; a control plane that cannot be reached raises
 `Unreachable`.
@@ -83,6 +84,19 @@ def without_read_only(document: Any) -> Any:
     return document
 
 
+def given_version(document: dict[str, Any]) -> int | None:
+    """The `metadata.version` a document was read at, if it carries a usable one."""
+    metadata = document.get("metadata")
+    version = metadata.get("version") if isinstance(metadata, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return None
+    return version
+
+
+def _unmatched_query(allow_unmatched: bool) -> str:
+    return "?allow_unmatched=true" if allow_unmatched else ""
+
+
 def _content(document: dict[str, Any]) -> tuple[Any, Any]:
     """What `apply` compares: the spec and the labels, as JSON would carry them."""
     metadata = document.get("metadata") or {}
@@ -109,17 +123,22 @@ class Client:
 
     # the resource operations
 
-    def create(self, document: dict[str, Any]) -> dict[str, Any]:
-        return self._object("POST", "/api/v1/resources", body=without_read_only(document))
+    def create(self, document: dict[str, Any], allow_unmatched: bool = False) -> dict[str, Any]:
+        """Create the resource; `allow_unmatched` stores a policy that selects no dataplane."""
+        path = "/api/v1/resources" + _unmatched_query(allow_unmatched)
+        return self._object("POST", path, body=without_read_only(document))
 
     def read(self, kind: str, mesh: str, name: str) -> dict[str, Any]:
         return self._object("GET", self._path(kind, mesh, name))
 
-    def replace(self, document: dict[str, Any], version: int) -> dict[str, Any]:
+    def replace(
+        self, document: dict[str, Any], version: int, allow_unmatched: bool = False
+    ) -> dict[str, Any]:
         kind, mesh, name = identity(document)
         body = without_read_only(document)
         body = {**body, "metadata": {**body["metadata"], "version": version}}
-        return self._object("PUT", self._path(kind, mesh, name), body=body)
+        path = self._path(kind, mesh, name) + _unmatched_query(allow_unmatched)
+        return self._object("PUT", path, body=body)
 
     def list_resources(
         self, kind: str, mesh: str | None = None, selector: dict[str, str] | None = None
@@ -154,14 +173,28 @@ class Client:
     def delete(self, kind: str, mesh: str, name: str) -> None:
         self._request("DELETE", self._path(kind, mesh, name))
 
-    def apply(self, document: dict[str, Any]) -> tuple[Action, dict[str, Any]]:
+    def apply(
+        self, document: dict[str, Any], allow_unmatched: bool = False
+    ) -> tuple[Action, dict[str, Any]]:
         """Create the resource, or bring the stored one to this spec and labels.
+
+        A document that carries `metadata.version` (it was read from the API and edited)
+        replaces only that version: if the stored one moved on, the API's 409 is raised,
+        so that an edit of a stale read never overwrites someone else's change.
 
         Returns what was done and the resource as stored.
         """
         kind, mesh, name = identity(document)
+        based_on = given_version(document)
+        if based_on is not None:
+            current = self.read(kind, mesh, name)
+            if int(current["metadata"]["version"]) == based_on and _content(current) == _content(
+                document
+            ):
+                return "unchanged", current
+            return "configured", self.replace(document, based_on, allow_unmatched)
         try:
-            return "created", self.create(document)
+            return "created", self.create(document, allow_unmatched)
         except ApiError as e:
             if e.status != 409:
                 raise
@@ -170,8 +203,9 @@ class Client:
             current = self.read(kind, mesh, name)
             if _content(current) == wanted:
                 return "unchanged", current
+            version = int(current["metadata"]["version"])
             try:
-                return "configured", self.replace(document, int(current["metadata"]["version"]))
+                return "configured", self.replace(document, version, allow_unmatched)
             except ApiError as e:
                 # someone else wrote in between: read again and retry
                 if e.status != 409 or attempt == _APPLY_ATTEMPTS - 1:

@@ -390,8 +390,9 @@ class Demo:
             raise StartError(f"cannot read the control plane's admin token: {exc}") from None
         client = Client(self.topology.cp_url, admin_token)
         try:
+            # before the proxies register: their permissions select no dataplane yet
             for document in topology.mesh_resources():
-                client.apply(document)
+                client.apply(document, allow_unmatched=True)
             for instance in self.topology.instances:
                 token = _issue_dataplane_token(
                     self.topology.cp_url, admin_token, topology.MESH, instance.service

@@ -20,9 +20,13 @@ to case. A Mesh is global: it is stored, and addressed, with its own name as its
 (`/api/v1/Mesh/default/default`).
 
 Documents are validated by `parse_resource`, the same rules as files; a bad one is a 400
-naming the field path, and never reaches the store. A resource comes back in the shape it
-was written in, with `metadata.version`, `metadata.created` and `metadata.updated` added;
-those three are read-only and may be sent back unchanged (a PUT needs `metadata.version`).
+naming the field path, and never reaches the store. A policy must also select at least
+one registered dataplane of its mesh (its kind's `selects`, from the policy registry): one
+that selects none is a 400 naming its selector field, unless the POST or PUT carries
+`?allow_unmatched=true`, for set-ups that apply policies before their workloads register.
+A resource comes back in the shape it was written in, with `metadata.version`,
+`metadata.created` and `metadata.updated` added; those three are read-only and may be
+sent back unchanged (a PUT needs `metadata.version`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import datetime as dt
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -42,7 +47,14 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshling.controlplane.api.openapi import openapi_document
-from meshling.controlplane.resources import MESH_KIND, kinds, parse_resource
+from meshling.controlplane.resources import (
+    DATAPLANE_KIND,
+    MESH_KIND,
+    Dataplane,
+    kinds,
+    parse_dataplane,
+    parse_resource,
+)
 from meshling.controlplane.resources.metadata import parse_selector as read_selector
 from meshling.controlplane.store import (
     AlreadyExists,
@@ -52,6 +64,7 @@ from meshling.controlplane.store import (
     Store,
     StoreError,
 )
+from meshling.policies import policy_type
 from meshling.snapshot.load import SnapshotError
 
 if TYPE_CHECKING:
@@ -72,6 +85,9 @@ _JSON_TYPES = ("application/json",)
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+# the query parameter that stores a policy selecting no dataplane
+ALLOW_UNMATCHED = "allow_unmatched"
 
 
 class ApiError(Exception):
@@ -123,10 +139,15 @@ def create_app(
         return kind
 
     async def create(request: Request) -> Response:
+        allow_unmatched = flag(request, ALLOW_UNMATCHED)
         document = await read_document(request)
-        kind, mesh, name, labels, spec = validate(document)
+        valid = validate(document)
+        if not allow_unmatched:
+            await check_selection(store, valid)
         try:
-            resource = await store.create(kind, mesh, name, spec, labels)
+            resource = await store.create(
+                valid.kind, valid.mesh, valid.name, valid.spec, valid.labels
+            )
         except AlreadyExists as e:
             raise ApiError(409, str(e)) from None
         return JSONResponse(render(resource), status_code=201)
@@ -150,13 +171,14 @@ def create_app(
     async def put(request: Request) -> Response:
         kind = kind_of(request)
         mesh, name = request.path_params["mesh"], request.path_params["name"]
+        allow_unmatched = flag(request, ALLOW_UNMATCHED)
         document = await read_document(request)
         version = given_version(document)
-        body_kind, body_mesh, body_name, labels, spec = validate(document)
+        valid = validate(document)
         for field, in_path, in_body in (
-            ("kind", kind, body_kind),
-            ("metadata.mesh" if kind != MESH_KIND else "metadata.name", mesh, body_mesh),
-            ("metadata.name", name, body_name),
+            ("kind", kind, valid.kind),
+            ("metadata.mesh" if kind != MESH_KIND else "metadata.name", mesh, valid.mesh),
+            ("metadata.name", name, valid.name),
         ):
             if in_path != in_body:
                 raise ApiError(
@@ -165,8 +187,12 @@ def create_app(
                     field=field,
                     reason=f"the URL names {in_path!r}, the document {in_body!r}",
                 )
+        if not allow_unmatched:
+            await check_selection(store, valid)
         try:
-            resource = await store.update(kind, mesh, name, spec, labels, version=version)
+            resource = await store.update(
+                kind, mesh, name, valid.spec, valid.labels, version=version
+            )
         except NotFound as e:
             raise ApiError(404, str(e)) from None
         except Conflict as e:
@@ -366,8 +392,21 @@ def given_version(document: Any) -> int:
     return version
 
 
-def validate(document: Any) -> tuple[str, str, str, dict[str, str], dict[str, Any]]:
-    """Validate a request's document; returns its kind, mesh, name, labels and spec."""
+@dataclass(frozen=True, slots=True)
+class Valid:
+    """A request's document that passed validation: where it goes and what it holds."""
+
+    kind: str
+    mesh: str
+    name: str
+    labels: dict[str, str]
+    spec: dict[str, Any]
+    # what `parse_resource` built from it (a Mesh, a Dataplane, a policy's resource)
+    resource: Any
+
+
+def validate(document: Any) -> Valid:
+    """Validate a request's document: where it goes, what to store, and what it parsed as."""
     if isinstance(document, dict) and isinstance(document.get("metadata"), dict):
         metadata = {k: v for k, v in document["metadata"].items() if k not in READ_ONLY_METADATA}
         document = {**document, "metadata": metadata}
@@ -378,7 +417,7 @@ def validate(document: Any) -> tuple[str, str, str, dict[str, str], dict[str, An
             400, "the document cannot be represented as JSON", field="", reason=str(e)
         ) from None
     try:
-        parse_resource(document, "request")
+        parsed = parse_resource(document, "request")
     except SnapshotError as e:
         raise ApiError(400, str(e), field=e.path, reason=e.reason) from None
     # parse_resource accepted it: a mapping with kind, metadata.name and (for all but a
@@ -389,7 +428,53 @@ def validate(document: Any) -> tuple[str, str, str, dict[str, str], dict[str, An
     mesh: str = name if kind == MESH_KIND else metadata["mesh"]
     labels: dict[str, str] = dict(metadata.get("labels") or {})
     spec: dict[str, Any] = dict(document.get("spec") or {})
-    return kind, mesh, name, labels, spec
+    return Valid(kind, mesh, name, labels, spec, parsed)
+
+
+async def check_selection(store: Store, valid: Valid) -> None:
+    """Refuses (400, naming the selector field) a policy that selects no registered
+    dataplane of its mesh; other kinds select nothing and pass."""
+    policy = policy_type(valid.kind)
+    if policy is None:
+        return
+    dataplanes = registered_dataplanes(await store.list(DATAPLANE_KIND, valid.mesh))
+    selection = policy.selects(valid.resource, dataplanes)
+    if not selection.empty:
+        return
+    raise ApiError(
+        400,
+        f"{valid.kind} {valid.mesh}/{valid.name} selects no dataplane",
+        field=selection.field,
+        reason=selection.unmatched(valid.mesh),
+        unmatched=True,
+        hint=f"to store it before its dataplanes register, send ?{ALLOW_UNMATCHED}=true",
+    )
+
+
+def registered_dataplanes(stored: list[Resource]) -> list[Dataplane]:
+    """The stored Dataplanes as resources; one that no longer parses selects nothing."""
+    dataplanes = []
+    for resource in stored:
+        try:
+            document = render(resource)
+            for key in READ_ONLY_METADATA:
+                del document["metadata"][key]
+            dataplanes.append(parse_dataplane(document, f"store:{DATAPLANE_KIND}"))
+        except SnapshotError:
+            continue
+    return dataplanes
+
+
+def flag(request: Request, name: str) -> bool:
+    """A true/false query parameter (absent is false); anything else is a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None or raw.lower() in ("false", "0", ""):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise ApiError(
+        400, f"invalid {name}", field=name, reason=f"expected true or false, got {raw!r}"
+    )
 
 
 def parse_selector(raw: str) -> dict[str, str]:

@@ -59,6 +59,14 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
     }
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     one = [kind_param, mesh_param, name_param]
+    allow_unmatched = {
+        "name": "allow_unmatched",
+        "in": "query",
+        "required": False,
+        "description": "Store a policy even if it selects no registered dataplane (yet); "
+        "without it, such a policy is a 400 naming its selector field.",
+        "schema": {"type": "boolean", "default": False},
+    }
     unauthorized = _error("Missing or wrong admin token.")
     return {
         "openapi": "3.0.3",
@@ -217,10 +225,14 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
             "/api/v1/resources": {
                 "post": {
                     "summary": "Create a resource.",
+                    "parameters": [allow_unmatched],
                     "requestBody": _body("One resource document, JSON or YAML."),
                     "responses": {
                         "201": _resource("The stored resource, with metadata.version."),
-                        "400": _error("Malformed or invalid document, or unknown kind."),
+                        "400": _error(
+                            "Malformed or invalid document, unknown kind, or a policy "
+                            "that selects no registered dataplane."
+                        ),
                         "401": unauthorized,
                         "409": _error("A resource of that kind, mesh and name exists."),
                         "413": _error("Body too large."),
@@ -271,13 +283,16 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                 },
                 "put": {
                     "summary": "Replace a resource's spec and labels.",
-                    "parameters": one,
+                    "parameters": [*one, allow_unmatched],
                     "requestBody": _body(
                         "The whole resource, with the metadata.version it is based on."
                     ),
                     "responses": {
                         "200": _resource("The updated resource, with its new version."),
-                        "400": _error("Invalid document, or one that does not match the URL."),
+                        "400": _error(
+                            "Invalid document, one that does not match the URL, or a "
+                            "policy that selects no registered dataplane."
+                        ),
                         "401": unauthorized,
                         "404": _error("No such resource."),
                         "409": _error(

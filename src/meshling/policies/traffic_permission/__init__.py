@@ -3,6 +3,7 @@
 * `schema` — the resource (`kind: TrafficPermission`) and `parse_resource`, its validation;
 * `snapshot` — the `authz:` fragment of an inbound filter chain (`AuthzConfig`) and
   `to_snapshot`, the pure conversion from resources on the control plane;
+* `select` — `selects`, the dataplanes a permission governs (a pure function);
 * `decide` — the data plane's decision for one connection, a pure function;
 * `testdata/` — golden resources and the fragments they convert into.
 """
@@ -16,6 +17,7 @@ from meshling.policies.traffic_permission.schema import (
     TrafficPermission,
     parse_resource,
 )
+from meshling.policies.traffic_permission.select import selects
 from meshling.policies.traffic_permission.snapshot import AuthzConfig, AuthzRule, to_snapshot
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "TrafficPermission",
     "decide",
     "parse_resource",
+    "selects",
     "to_snapshot",
 ]
