@@ -127,6 +127,8 @@ def _control_plane_run(args: argparse.Namespace) -> int:
         mesh_mtls=args.mesh_mtls,
         replica=args.replica_id,
         offline_after=args.offline_after,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
@@ -276,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a dataplane whose replica has not refreshed its status for this long is "
         "offline (default 30)",
+    )
+    cp_run.add_argument(
+        "--tls-cert",
+        default=os.environ.get("MESHLING_CP_TLS_CERT"),
+        help="serve https:// and wss:// with this certificate chain, PEM (env "
+        "MESHLING_CP_TLS_CERT); needed whenever proxies reach the control plane over a network",
+    )
+    cp_run.add_argument(
+        "--tls-key",
+        default=os.environ.get("MESHLING_CP_TLS_KEY"),
+        help="the private key of --tls-cert, PEM (env MESHLING_CP_TLS_KEY)",
     )
     cp_run.set_defaults(func=_control_plane_run)
 

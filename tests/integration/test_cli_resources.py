@@ -109,8 +109,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 @pytest.fixture
 def cp(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlPlane]:
     """The shared control plane, emptied after each test; no token from the environment."""
-    for name in ("MESHLING_CP", "MESHLING_TOKEN", "MESHLING_TOKEN_FILE"):
+    for name in (
+        "MESHLING_CP",
+        "MESHLING_ADMIN_TOKEN",
+        "MESHLING_ADMIN_TOKEN_FILE",
+        "MESHLING_CP_CA_FILE",
+        "MESHLING_CLI_CONFIG",
+    ):
         monkeypatch.delenv(name, raising=False)
+    # no config file of the user running the tests
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/nonexistent")
     yield control_plane
     client = control_plane.client()
     for kind in reversed(KINDS):
@@ -352,27 +360,63 @@ def test_a_wrong_or_missing_token_says_which_and_how_to_set_one(
     assert run(["get", "Mesh", "--cp", cp.url, "--token", "wrong"]) == 1
     err = capsys.readouterr().err
     assert "refused the token given with --token" in err
-    assert "--token-file" in err and "MESHLING_TOKEN" in err
+    assert "--token-file" in err and "MESHLING_ADMIN_TOKEN" in err
 
     token_file = tmp_path / "stale.token"
     token_file.write_text("stale\n")
-    monkeypatch.setenv("MESHLING_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("MESHLING_ADMIN_TOKEN_FILE", str(token_file))
     monkeypatch.setenv("MESHLING_CP", cp.url)
     assert run(["get", "Mesh"]) == 1
-    assert f"the token in {token_file} ($MESHLING_TOKEN_FILE)" in capsys.readouterr().err
+    assert f"the token in {token_file} ($MESHLING_ADMIN_TOKEN_FILE)" in capsys.readouterr().err
 
-    monkeypatch.delenv("MESHLING_TOKEN_FILE")
+    monkeypatch.delenv("MESHLING_ADMIN_TOKEN_FILE")
     assert run(["get", "Mesh"]) == 1
     assert "refused no token (none was given)" in capsys.readouterr().err
 
     # the token from the environment, and the one from ./meshling-admin.token, are used
-    monkeypatch.setenv("MESHLING_TOKEN", cp.token)
+    monkeypatch.setenv("MESHLING_ADMIN_TOKEN", cp.token)
     assert run(["get", "Mesh"]) == 0
-    monkeypatch.delenv("MESHLING_TOKEN")
+    monkeypatch.delenv("MESHLING_ADMIN_TOKEN")
     (tmp_path / "meshling-admin.token").write_text(cp.token + "\n")
     assert run(["get", "Mesh"]) == 0
     assert run(["get", "Mesh", "--token-file", str(tmp_path / "missing")]) == 2
     assert "cannot read the admin token file" in capsys.readouterr().err
+
+
+def test_the_config_file_names_the_control_plane_and_the_token(
+    cp: ControlPlane,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config_home = tmp_path / "config"
+    (config_home / "meshling").mkdir(parents=True)
+    (config_home / "meshling" / "admin.token").write_text(cp.token + "\n")
+    config = config_home / "meshling" / "config.yaml"
+    # token_file is relative to the config file
+    config.write_text(f"cp: {cp.url}\ntoken_file: admin.token\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    assert run(["get", "Mesh"]) == 0
+
+    # the environment wins over the file, a flag over both
+    monkeypatch.setenv("MESHLING_ADMIN_TOKEN", "wrong")
+    assert run(["get", "Mesh"]) == 1
+    assert "refused the token in $MESHLING_ADMIN_TOKEN" in capsys.readouterr().err
+    assert run(["get", "Mesh", "--token", cp.token]) == 0
+    monkeypatch.delenv("MESHLING_ADMIN_TOKEN")
+
+    # a file named explicitly must exist; a bad one names the key and the reason
+    assert run(["get", "Mesh", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    config.write_text(f"cp: {cp.url}\ntokn: x\n")
+    assert run(["get", "Mesh"]) == 2
+    assert f"{config}: tokn: unknown setting (known: cp, token, token_file, ca_file)" in (
+        capsys.readouterr().err
+    )
+    config.write_text("cp: ftp://nowhere\n")
+    assert run(["get", "Mesh"]) == 2
+    assert f"{config}: cp: expected an http:// or https:// URL" in capsys.readouterr().err
 
 
 def test_an_unreachable_control_plane_is_exit_2(

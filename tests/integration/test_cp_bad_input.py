@@ -79,7 +79,7 @@ class LiveMesh:
             capture_output=True,
             text=True,
             timeout=30,
-            env={"MESHLING_CP": self.cp.url, "MESHLING_TOKEN_FILE": str(self.admin_token)},
+            env={"MESHLING_CP": self.cp.url, "MESHLING_ADMIN_TOKEN_FILE": str(self.admin_token)},
             cwd=self.root,
         )
 

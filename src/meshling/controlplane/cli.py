@@ -8,10 +8,20 @@
     meshling token revoke JTI [--mesh M]
     meshling inspect dataplane NAME [--mesh M] [-o text|yaml|json]
 
-The control plane is `--cp URL` (env `MESHLING_CP`, default `http://127.0.0.1:5681`); the
-admin token is `--token`, `--token-file F`, env `MESHLING_TOKEN` or `MESHLING_TOKEN_FILE`,
-in that order, else `./meshling-admin.token` or `./meshling-cp/admin.token` when there is
-one (the latter is where `meshling control-plane run` writes it by default).
+Where the control plane is, and the admin token, come from flags, then the environment,
+then a config file, then defaults:
+
+    --cp URL          MESHLING_CP                 cp:          default http://127.0.0.1:5681
+    --token T         MESHLING_ADMIN_TOKEN        token:
+    --token-file F    MESHLING_ADMIN_TOKEN_FILE   token_file:  default ./meshling-admin.token or
+                                                               ./meshling-cp/admin.token (where
+                                                               `control-plane run` writes it)
+    --cp-ca-file F    MESHLING_CP_CA_FILE         ca_file:     CA certificates for https://
+
+The config file is `--config F`, else `$MESHLING_CLI_CONFIG`, else
+`$XDG_CONFIG_HOME/meshling/config.yaml` (`~/.config/meshling/config.yaml`) when it exists:
+a YAML mapping of the keys above. A token given in the environment or the config file
+wins over any file named in a later place, as a flag does.
 
 `apply` checks every document before it sends any, so a set with one bad document
 changes nothing: the YAML, each document with the control plane's own rules, then against
@@ -105,14 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--cp",
-        default=os.environ.get("MESHLING_CP", DEFAULT_CP),
-        help=f"the control plane's API URL (env MESHLING_CP, default {DEFAULT_CP})",
+        help=f"the control plane's API URL (env MESHLING_CP, config `cp:`, default {DEFAULT_CP})",
     )
-    common.add_argument("--token", help="the admin token (env MESHLING_TOKEN)")
+    common.add_argument(
+        "--token", help="the admin token (env MESHLING_ADMIN_TOKEN, config `token:`)"
+    )
     common.add_argument(
         "--token-file",
-        help="a file holding the admin token (env MESHLING_TOKEN_FILE, default "
-        f"./{DEFAULT_TOKEN_FILE} when it exists)",
+        help="a file holding the admin token (env MESHLING_ADMIN_TOKEN_FILE, config "
+        f"`token_file:`, default ./{DEFAULT_TOKEN_FILE} or ./{CP_TOKEN_FILE} when one exists)",
+    )
+    common.add_argument(
+        "--cp-ca-file",
+        help="CA certificates (PEM) for an https:// control plane whose certificate no "
+        "system CA vouches for (env MESHLING_CP_CA_FILE, config `ca_file:`)",
+    )
+    common.add_argument(
+        "--config",
+        help="the CLI's config file (env MESHLING_CLI_CONFIG, default "
+        "~/.config/meshling/config.yaml when it exists)",
     )
 
     parser = argparse.ArgumentParser(prog="meshling", description="Manage mesh resources.")
@@ -549,24 +570,98 @@ def refusal(error: ApiError, document: Document) -> str:
 
 
 def connect(options: argparse.Namespace) -> Client:
-    url = str(options.cp).rstrip("/")
+    config, path = read_config(options)
+    url, url_source = _setting(options.cp, "MESHLING_CP", config, "cp", path)
+    url = (url or DEFAULT_CP).rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise CliError(f"--cp: expected an http:// or https:// URL, got {url!r}", 2)
-    token, source = find_token(options)
-    return Client(url, token, token_source=source)
+        where = url_source or "--cp"
+        raise CliError(f"{where}: expected an http:// or https:// URL, got {url!r}", 2)
+    token, source = find_token(options, config, path)
+    ca_file, _ = _setting(options.cp_ca_file, "MESHLING_CP_CA_FILE", config, "ca_file", path)
+    return Client(url, token, token_source=source, ca_file=ca_file)
 
 
-def find_token(options: argparse.Namespace) -> tuple[str | None, str]:
+CONFIG_KEYS = ("cp", "token", "token_file", "ca_file")
+
+
+def config_path(options: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The CLI config file to read, and whether it was asked for (then it must exist)."""
+    if options.config:
+        return Path(options.config), True
+    if os.environ.get("MESHLING_CLI_CONFIG"):
+        return Path(os.environ["MESHLING_CLI_CONFIG"]), True
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    path = Path(base) / "meshling" / "config.yaml"
+    return (path, False) if path.is_file() else (None, False)
+
+
+def read_config(options: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The CLI config file's settings (empty when there is none) and its path."""
+    path, required = config_path(options)
+    if path is None:
+        return {}, ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise CliError(f"the config file {path} does not exist", 2) from None
+        return {}, ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read the config file {path}: {e}", 2) from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CliError(malformed(str(path), 1, e), 2) from None
+    if content is None:
+        return {}, str(path)
+    if not isinstance(content, dict):
+        raise CliError(f"{path}: must be a mapping of {', '.join(CONFIG_KEYS)}", 2)
+    settings: dict[str, str] = {}
+    for key, value in content.items():
+        if key not in CONFIG_KEYS:
+            raise CliError(f"{path}: {key}: unknown setting (known: {', '.join(CONFIG_KEYS)})", 2)
+        if not isinstance(value, str) or not value:
+            raise CliError(f"{path}: {key}: must be a non-empty string, got {value!r}", 2)
+        if key in ("token_file", "ca_file"):
+            # relative to the config file, so the file works from any directory
+            value = str(path.parent / os.path.expanduser(value))
+        settings[key] = value
+    return settings, str(path)
+
+
+def _setting(
+    flag: str | None, env: str, config: dict[str, str], key: str, path: str
+) -> tuple[str | None, str]:
+    """A setting from its flag, its environment variable or the config file, in that
+    order, and where it came from (empty for a flag)."""
+    if flag:
+        return flag, ""
+    if os.environ.get(env):
+        return os.environ[env], f"${env}"
+    if key in config:
+        return config[key], f"{path}: {key}"
+    return None, ""
+
+
+def find_token(
+    options: argparse.Namespace, config: dict[str, str] | None = None, path: str = ""
+) -> tuple[str | None, str]:
     """The admin token and a description of where it came from."""
+    config = config or {}
     if options.token:
         return options.token, "the token given with --token"
     if options.token_file:
         return _read_token(options.token_file), f"the token in {options.token_file} (--token-file)"
-    if os.environ.get("MESHLING_TOKEN"):
-        return os.environ["MESHLING_TOKEN"], "the token in $MESHLING_TOKEN"
-    env_file = os.environ.get("MESHLING_TOKEN_FILE")
+    if os.environ.get("MESHLING_ADMIN_TOKEN"):
+        return os.environ["MESHLING_ADMIN_TOKEN"], "the token in $MESHLING_ADMIN_TOKEN"
+    env_file = os.environ.get("MESHLING_ADMIN_TOKEN_FILE")
     if env_file:
-        return _read_token(env_file), f"the token in {env_file} ($MESHLING_TOKEN_FILE)"
+        return _read_token(env_file), f"the token in {env_file} ($MESHLING_ADMIN_TOKEN_FILE)"
+    if "token" in config:
+        return config["token"], f"the token in {path}"
+    if "token_file" in config:
+        file = config["token_file"]
+        return _read_token(file), f"the token in {file} ({path}: token_file)"
     for default in (DEFAULT_TOKEN_FILE, CP_TOKEN_FILE):
         if Path(default).is_file():
             return _read_token(default), f"the token in ./{default}"
@@ -594,8 +689,8 @@ def call(client: Client, request: Callable[[], T]) -> T:
             source = client.token_source
             raise CliError(
                 f"the control plane at {client.url} refused {source}: {e.message}. Give the "
-                "admin token with --token or --token-file, or set MESHLING_TOKEN or "
-                "MESHLING_TOKEN_FILE; `meshling control-plane run` writes it to its "
+                "admin token with --token or --token-file, or set MESHLING_ADMIN_TOKEN or "
+                "MESHLING_ADMIN_TOKEN_FILE; `meshling control-plane run` writes it to its "
                 f"--token-file ({CP_TOKEN_FILE} by default). A dataplane token is not an "
                 "admin token",
                 1,

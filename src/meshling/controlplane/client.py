@@ -12,6 +12,7 @@ with the server's message and field path; a control plane that cannot be reached
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -114,10 +115,14 @@ class Client:
         token: str | None,
         timeout: float = 10.0,
         token_source: str = "the token given",
+        ca_file: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        # for an https:// control plane whose certificate no system CA vouches for
+        self.ca_file = ca_file
+        self._tls: ssl.SSLContext | None = None
         # where the token came from, for telling a person which one was refused
         self.token_source = token_source
 
@@ -244,6 +249,19 @@ class Client:
             raise ApiError(0, f"unexpected answer from the control plane: {result!r}")
         return result
 
+    def _context(self) -> ssl.SSLContext | None:
+        if not self.url.startswith("https://"):
+            return None
+        if self._tls is None:
+            try:
+                self._tls = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                reason = getattr(e, "strerror", None) or str(e)
+                raise Unreachable(
+                    self.url, f"cannot load the CA file {self.ca_file}: {reason}"
+                ) from None
+        return self._tls
+
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Accept": "application/json"}
         if self.token:
@@ -254,7 +272,9 @@ class Client:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout, context=self._context()
+            ) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             raise _api_error(e.code, e.read(), e.reason) from None

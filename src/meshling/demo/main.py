@@ -319,7 +319,7 @@ class Demo:
         (self.workdir / "cp.env").write_text(
             "# `source` this file to point meshling's commands at the demo's control plane\n"
             f"export MESHLING_CP={self.topology.cp_url}\n"
-            f"export MESHLING_TOKEN_FILE={self.admin_token_file}\n",
+            f"export MESHLING_ADMIN_TOKEN_FILE={self.admin_token_file}\n",
             encoding="utf-8",
         )
 
@@ -506,7 +506,7 @@ class Demo:
             "",
             "where to look (from another terminal, in this directory):",
             f"  source {env}        # MESHLING_CP={top.cp_url}, "
-            f"MESHLING_TOKEN_FILE={_shown(self.admin_token_file)}",
+            f"MESHLING_ADMIN_TOKEN_FILE={_shown(self.admin_token_file)}",
             f"  {m} get dataplanes",
             f"  {m} inspect dataplane api-1",
             f"  {m} get trafficpermissions",

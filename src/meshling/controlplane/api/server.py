@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import stat
 import sys
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def run(
     mesh_mtls: str = "off",
     replica: str | None = None,
     offline_after: float = DEFAULT_OFFLINE_AFTER,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> int:
     """Serve the control plane on `host:port` over the store at `store_url` until SIGTERM
     or SIGINT.
@@ -91,7 +94,10 @@ def run(
     `default_mesh`, when given, is created if missing, with mTLS `mesh_mtls` (off,
     permissive or strict). `replica` names this process in dataplane status (default
     hostname:pid); a dataplane is offline once its replica has not refreshed it for
-    `offline_after` seconds.
+    `offline_after` seconds. With `tls_cert` and `tls_key` (PEM files) the API and the
+    config stream are served over TLS (https://, wss://), as they should be whenever
+    proxies or operators reach the control plane over a network: tokens and
+    certificates travel on these connections.
 
     Returns the process exit status: 0 after a clean stop, 1 if it could not start.
     """
@@ -104,7 +110,22 @@ def run(
         print(f"admin token written to {os.path.abspath(token_file)} (mode 0600)", flush=True)
     else:
         print(f"admin token read from {os.path.abspath(token_file)}", flush=True)
-    options = _Options(default_mesh, mesh_mtls, replica or replica_id(), offline_after)
+    if (tls_cert is None) != (tls_key is None):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 1
+    if tls_cert is not None and tls_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            print(
+                f"error: cannot use --tls-cert {tls_cert} with --tls-key {tls_key}: {reason}",
+                file=sys.stderr,
+            )
+            return 1
+    options = _Options(
+        default_mesh, mesh_mtls, replica or replica_id(), offline_after, tls_cert, tls_key
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(store_url, host, port, token, options))
 
@@ -115,6 +136,8 @@ class _Options:
     mesh_mtls: str
     replica: str
     offline_after: float
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 async def ensure_mesh(store: Store, name: str, mtls: str) -> bool:
@@ -169,6 +192,8 @@ async def _serve(store_url: str, host: str, port: int, token: str, options: _Opt
             ws_ping_interval=10.0,
             ws_ping_timeout=10.0,
             ws_max_size=MAX_MESSAGE_BYTES,
+            ssl_certfile=options.tls_cert,
+            ssl_keyfile=options.tls_key,
         )
         server = uvicorn.Server(config)
 
@@ -180,9 +205,10 @@ async def _serve(store_url: str, host: str, port: int, token: str, options: _Opt
         # it found: this one, so that a signal is a clean stop and not a kill
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         where = f"[{host}]" if ":" in host else host
+        secure = "s" if options.tls_cert else ""
         print(
-            f"control plane {options.replica}: API at http://{where}:{port}, config stream at "
-            f"ws://{where}:{port}{STREAM_PATH}",
+            f"control plane {options.replica}: API at http{secure}://{where}:{port}, config "
+            f"stream at ws{secure}://{where}:{port}{STREAM_PATH}",
             flush=True,
         )
         try:
