@@ -1,0 +1,139 @@
+"""Which policy of a kind governs a connection: selectors by service and tags, and the
+most specific match.
+
+The traffic policies (Timeout, Retry, CircuitBreaker, HealthCheck, LoadBalancing,
+RateLimit, FaultInjection) share one shape:
+
+```yaml
+kind: Retry
+metadata: {name: web-to-api, mesh: default}
+spec:
+  sources:       [{service: web}]                       # the callers; "*" for any
+  destinations:  [{service: api, tags: {version: v2}}]  # the called
+  conf: {...}                                           # the policy's own settings
+```
+
+A selector is `{service: NAME | "*", tags: {k: v, ...}}` (tags optional) and matches a
+dataplane of that service carrying every tag. Where several resources of one kind match
+the same (source, destination), the **most specific** one governs, the others do not
+merge into it: a destination selector that names a service beats one with `"*"`, then
+more destination tags win, then the same for the source; equal ones are ordered by name,
+so the choice never depends on the order the store returned them in.
+
+What "source" and "destination" are depends on where the policy acts:
+
+* **outbound** policies (Timeout, Retry, CircuitBreaker, HealthCheck, LoadBalancing) act
+  in the caller's proxy, per destination service: the source is that proxy's dataplane
+  (service and tags), the destination is the service it calls (no tags: a cluster holds
+  every instance of the service);
+* **inbound** policies (RateLimit, FaultInjection) act in the called proxy: the
+  destination is that proxy's dataplane, and the sources select callers, which the proxy
+  knows by SPIFFE identity only, so an inbound policy's source selector names services.
+
+Parsing raises the snapshot loader's `SnapshotError` with the field path, like every
+resource error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from meshling.controlplane.resources import metadata
+from meshling.snapshot.load import _Node
+
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Dataplanes of a service (or of any, `"*"`) carrying every one of `tags`."""
+
+    service: str = ANY
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def matches(self, service: str, tags: Mapping[str, str] | None = None) -> bool:
+        if self.service not in (ANY, service):
+            return False
+        given = tags or {}
+        return all(given.get(k) == v for k, v in self.tags.items())
+
+    @property
+    def specificity(self) -> tuple[int, int]:
+        """Larger is more specific: a named service, then more tags."""
+        return (0 if self.service == ANY else 1, len(self.tags))
+
+
+class Targeted(Protocol):
+    """What `best_match` needs of a policy resource."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sources(self) -> tuple[Selector, ...]: ...
+
+    @property
+    def destinations(self) -> tuple[Selector, ...]: ...
+
+
+T = TypeVar("T", bound=Targeted)
+
+
+def parse_selector(node: _Node, mesh: str) -> Selector:
+    node.mapping(("service", "tags"))
+    service = node.get("service", lambda n: _service(n, mesh), ANY)
+    no_tags: dict[str, str] = {}
+    tags = node.get("tags", metadata.string_map, no_tags)
+    if "service" in tags:
+        raise (
+            node.child("tags")
+            .child("service")
+            .error("the service is the selector's `service` field, not a tag")
+        )
+    return Selector(service, tags)
+
+
+def parse_selectors(node: _Node, mesh: str) -> tuple[Selector, ...]:
+    """A non-empty list of selectors."""
+    if not isinstance(node.value, list) or not node.value:
+        raise node.error('expected a non-empty list of selectors such as {service: "*"}')
+    return tuple(parse_selector(node.child(i), mesh) for i in range(len(node.value)))
+
+
+def _service(node: _Node, mesh: str) -> str:
+    if node.value == ANY:
+        return ANY
+    return metadata.service(node, mesh)
+
+
+def match_score(
+    policy: Targeted,
+    source: tuple[str, Mapping[str, str]],
+    destination: tuple[str, Mapping[str, str]],
+) -> tuple[int, int, int, int] | None:
+    """How specifically `policy` selects this pair, or None if it does not select it."""
+    dest = [s.specificity for s in policy.destinations if s.matches(*destination)]
+    src = [s.specificity for s in policy.sources if s.matches(*source)]
+    if not dest or not src:
+        return None
+    return (*max(dest), *max(src))
+
+
+def best_match(
+    policies: Iterable[T],
+    source: tuple[str, Mapping[str, str]],
+    destination: tuple[str, Mapping[str, str]],
+) -> T | None:
+    """The policy that governs traffic from `source` to `destination` ((service, tags)
+    each), or None when no policy selects both."""
+    best: tuple[tuple[int, int, int, int], str, T] | None = None
+    for policy in policies:
+        score = match_score(policy, source, destination)
+        if score is None:
+            continue
+        # higher score wins; on a tie, the name that sorts first
+        if best is None or score > best[0] or (score == best[0] and policy.name < best[1]):
+            best = (score, policy.name, policy)
+    return None if best is None else best[2]
