@@ -79,3 +79,36 @@ def test_selectors_parse() -> None:
         "p.yaml", "spec.sources", [{"service": "*"}, {"service": "web", "tags": {"v": "1"}}]
     )
     assert parse_selectors(node, "default") == (Selector(), Selector("web", {"v": "1"}))
+
+
+def test_outbound_policies_act_in_callers_and_inbound_ones_in_the_called() -> None:
+    from meshling.controlplane.resources import Dataplane, Inbound, Outbound
+    from meshling.policies.matching import selects_inbound, selects_outbound
+
+    @dataclass(frozen=True)
+    class MeshPolicy(Policy):
+        mesh: str = "default"
+
+    web = Dataplane(
+        name="web-1",
+        mesh="default",
+        service="web",
+        address="10.0.0.1",
+        tags={"zone": "a"},
+        inbounds=(Inbound(15006, 8080),),
+        outbounds=(Outbound(15001, "api"),),
+    )
+    api = Dataplane(
+        name="api-1",
+        mesh="default",
+        service="api",
+        address="10.0.0.2",
+        inbounds=(Inbound(15006, 8080),),
+    )
+    web_to_api = MeshPolicy("p", (Selector("web"),), (Selector("api"),))
+    assert selects_outbound(web_to_api, [web, api]).dataplanes == ("web-1",)
+    assert selects_inbound(web_to_api, [web, api]).dataplanes == ("api-1",)
+    to_store = MeshPolicy("p", EVERYONE, (Selector("store"),))
+    selection = selects_outbound(to_store, [web, api])
+    assert selection.empty
+    assert "calling service store" in selection.unmatched("default")

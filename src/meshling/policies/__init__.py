@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from meshling.policies import traffic_permission
 from meshling.policies.selection import Selection
@@ -30,6 +30,14 @@ R = TypeVar("R")  # the resource
 F = TypeVar("F")  # the snapshot fragment
 
 
+# Where a policy's fragment goes in a snapshot:
+# - "authz": an inbound chain's `authz` (TrafficPermission, with its own `to_snapshot`);
+# - "route": the outbound route to a destination service (`routes[].<key>`);
+# - "cluster": the outbound cluster of a destination service (`clusters[].<key>`);
+# - "chain": an inbound filter chain, as rules by caller (`filter_chains[].<key>`).
+Attach = Literal["authz", "route", "cluster", "chain"]
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyType(Generic[R, F]):
     """One policy kind: how to read its resources and what they become in a snapshot."""
@@ -38,10 +46,19 @@ class PolicyType(Generic[R, F]):
     kind: str
     # (document, source) -> resource; raises SnapshotError naming source and field path
     parse_resource: Callable[[Any, str], R]
-    # (resources of the mesh, destination service, mesh) -> that service's fragment
-    to_snapshot: Callable[[list[R], str, str], F]
+    # TrafficPermission: (resources of the mesh, destination service, mesh) -> the
+    # service's fragment; None for the traffic policies, which use `fragment`
+    to_snapshot: Callable[..., F] | None
     # (resource, dataplanes of its mesh) -> the dataplanes it applies to
     selects: Callable[[R, Iterable[Dataplane]], Selection]
+    # where the fragment goes, and under which key of that snapshot object
+    attach: Attach = "authz"
+    key: str = ""
+    # traffic policies ("route", "cluster"): the resource that governs a (source,
+    # destination) pair, by `matching.best_match` -> its snapshot fragment document.
+    # "chain": (the resources selecting the dataplane, most specific first, mesh) -> the
+    # chain's fragment document
+    fragment: Callable[..., dict[str, Any]] | None = None
 
 
 POLICIES: tuple[PolicyType[Any, Any], ...] = (

@@ -38,10 +38,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from meshling.controlplane.resources import metadata
+from meshling.policies.selection import Selection
 from meshling.snapshot.load import _Node
+
+if TYPE_CHECKING:
+    from meshling.controlplane.resources import Dataplane
 
 ANY = "*"
 
@@ -70,6 +74,9 @@ class Targeted(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def mesh(self) -> str: ...
 
     @property
     def sources(self) -> tuple[Selector, ...]: ...
@@ -137,3 +144,41 @@ def best_match(
         if best is None or score > best[0] or (score == best[0] and policy.name < best[1]):
             best = (score, policy.name, policy)
     return None if best is None else best[2]
+
+
+def _wanted(selectors: tuple[Selector, ...]) -> str:
+    def one(s: Selector) -> str:
+        tags = "".join(f", {k}={v}" for k, v in sorted(s.tags.items()))
+        return ("any service" if s.service == ANY else f"service {s.service}") + tags
+
+    return " or ".join(one(s) for s in selectors)
+
+
+def selects_outbound(policy: Targeted, dataplanes: Iterable[Dataplane]) -> Selection:
+    """The dataplanes an outbound policy acts in: callers matching a source selector with
+    an outbound to a service matching a destination selector."""
+    chosen = sorted(
+        d.name
+        for d in dataplanes
+        if d.mesh == policy.mesh
+        and any(s.matches(d.service, d.tags) for s in policy.sources)
+        and any(
+            dest.service in (ANY, o.service) and not dest.tags
+            for o in d.outbounds
+            for dest in policy.destinations
+        )
+    )
+    wanted = f"dataplane of {_wanted(policy.sources)} calling {_wanted(policy.destinations)}"
+    return Selection("spec.sources", wanted, tuple(chosen))
+
+
+def selects_inbound(policy: Targeted, dataplanes: Iterable[Dataplane]) -> Selection:
+    """The dataplanes an inbound policy acts in: those matching a destination selector."""
+    chosen = sorted(
+        d.name
+        for d in dataplanes
+        if d.mesh == policy.mesh and any(s.matches(d.service, d.tags) for s in policy.destinations)
+    )
+    return Selection(
+        "spec.destinations", f"dataplane of {_wanted(policy.destinations)}", tuple(chosen)
+    )
