@@ -421,6 +421,26 @@ def test_cp_stream_expired_and_revoked_tokens_are_refused(
     run(body())
 
 
+def test_cp_stream_closes_when_its_token_expires(cp: ControlPlane) -> None:
+    async def body() -> None:
+        proxy = await ProxyClient.connect(cp.ws, cp.dataplane_token("api", ttl="2s"))
+        opened = time.monotonic()
+        push = await proxy.hello(dataplane("api-1", "api"))
+        await proxy.ack(push)
+        # open, and served, until the token runs out; then refused and closed
+        refusal, code = await proxy.refused()
+        assert (refusal.reason, code) == ("unauthenticated", 4401)
+        assert "expired" in refusal.message and "token file" in refusal.message
+        assert time.monotonic() - opened < 4
+        await eventually(lambda: not cp.status()["api-1"]["connected"], what="disconnected")
+        # the proxy comes back with the token it reads then
+        again = await ProxyClient.connect(cp.ws, cp.dataplane_token("api"))
+        assert (await again.hello(dataplane("api-1", "api"), applied=push.version)) == push
+        await again.close()
+
+    run(body())
+
+
 def test_cp_sign_records_the_certificate_in_the_dataplane_status(cp: ControlPlane) -> None:
     token = cp.dataplane_token("api")
     bearer = {"Authorization": f"Bearer {token}"}

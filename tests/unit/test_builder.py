@@ -11,6 +11,7 @@ diff.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import random
 from pathlib import Path
@@ -19,7 +20,15 @@ from typing import Any
 import pytest
 import yaml
 
-from meshling.controlplane.builder import BuildError, affected, build, version_of
+from meshling.controlplane.builder import (
+    BuildError,
+    MeshIndex,
+    affected,
+    build,
+    build_text,
+    canonical_json,
+    version_of,
+)
 from meshling.controlplane.resources import (
     Dataplane,
     Inbound,
@@ -281,6 +290,91 @@ def test_build_version_covers_tls_paths() -> None:
     one = build(web, mesh, dataplanes, policies, tls_paths("web"))
     other = build(web, mesh, dataplanes, policies, tls_paths("web-rotated"))
     assert one["version"] != other["version"]
+
+
+# -- the index and the text: one reading of the mesh, one serialisation per snapshot
+
+
+def scenarios() -> list[tuple[str, Mesh, Dataplane, list[Dataplane], list[TrafficPermission]]]:
+    """Meshes that exercise every lookup of the index: golden, self-calls, duplicates,
+    other meshes, IPv6, a shared address, a dataplane not listed, mTLS off."""
+    mesh, dataplanes, policies = load()
+    cases = [(name, mesh, named(dataplanes, name), dataplanes, policies) for name in NAMES]
+    api_1 = named(dataplanes, "api-1")
+    calls_itself = dataclasses.replace(
+        api_1, outbounds=(*api_1.outbounds, Outbound(port=15003, service="api", protocol="http"))
+    )
+    elsewhere = dataclasses.replace(named(dataplanes, "api-2"), name="api-9", mesh="staging")
+    again = named(dataplanes, "api-2")
+    cases.append(
+        ("self+dup", mesh, calls_itself, [*dataplanes, elsewhere, again, calls_itself], policies)
+    )
+    v6 = dataclasses.replace(again, name="api-6", address="fd00::7")
+    same_place = dataclasses.replace(api_1, name="api-7")  # api-1's address and port
+    crowd = [*dataplanes, v6, same_place]
+    cases.append(("v6+shared", mesh, calls_itself, crowd, policies))
+    untagged = dataclasses.replace(named(dataplanes, "web"), tags={})
+    cases.append(("unlisted", mesh, untagged, [d for d in dataplanes if d.name != "web"], policies))
+    cases.append(("plain", without_mtls(mesh), named(dataplanes, "web"), dataplanes, policies))
+    return cases
+
+
+@pytest.mark.parametrize("case", scenarios(), ids=lambda case: case[0])
+def test_build_text_is_the_canonical_json_of_build(
+    case: tuple[str, Mesh, Dataplane, list[Dataplane], list[TrafficPermission]],
+) -> None:
+    _, mesh, dataplane, dataplanes, policies = case
+    document = build(dataplane, mesh, dataplanes, policies, tls_paths(dataplane.name))
+    index = MeshIndex(mesh, dataplanes, policies)
+    built = build_text(dataplane, index, tls_paths(dataplane.name))
+    assert built.text == canonical_json(document)
+    assert built.version == document["version"]
+    assert build(dataplane, mesh, (), (), tls_paths(dataplane.name), index=index) == document
+
+
+def test_build_index_endpoints_are_every_other_listing_in_address_order() -> None:
+    rng = random.Random(7)
+    mesh, _, policies = load()
+    addresses = ["10.0.0.9", "10.0.0.10", "10.0.1.2", "9.9.9.9", "fd00::1", "fd00::a", "::1"]
+    dataplanes = [
+        Dataplane(
+            name=f"d{n}",
+            mesh="default",
+            service=rng.choice(["api", "web"]),
+            address=rng.choice(addresses),
+            inbounds=tuple(Inbound(port, 8080) for port in rng.sample([15006, 15007, 9], 2)),
+            outbounds=(Outbound(15001, "api"), Outbound(15002, "web")),
+        )
+        for n in range(40)
+    ]
+    index = MeshIndex(mesh, dataplanes, policies)
+    for dataplane in dataplanes:
+        document = build(dataplane, mesh, (), (), tls_paths("x"), index=index)
+        for cluster in document["clusters"]:
+            if cluster["name"].startswith("local:"):
+                continue
+            expected = sorted(
+                {
+                    (d.address, i.port)
+                    for d in dataplanes
+                    if d.service == cluster["name"] and d.name != dataplane.name
+                    for i in d.inbounds
+                },
+                key=lambda e: (
+                    ipaddress.ip_address(e[0]).version,
+                    int(ipaddress.ip_address(e[0])),
+                    e[1],
+                ),
+            )
+            assert [(e["address"], e["port"]) for e in cluster["endpoints"]] == expected
+        assert build_text(dataplane, index, tls_paths("x")).text == canonical_json(document)
+
+
+def test_build_refuses_an_index_of_another_mesh_state() -> None:
+    mesh, dataplanes, policies = load()
+    index = MeshIndex(without_mtls(mesh), dataplanes, policies)
+    with pytest.raises(BuildError, match="index"):
+        build(named(dataplanes, "web"), mesh, (), (), tls_paths("web"), index=index)
 
 
 # -- mTLS modes

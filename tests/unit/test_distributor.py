@@ -4,6 +4,7 @@ store and fake streams (no sockets)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from meshling.configstream import decode_server
+from meshling.configstream import Push, decode_server
+from meshling.controlplane.builder import build, canonical_json
 from meshling.controlplane.distributor import Distributor, DistributorCore, Proxy
 from meshling.controlplane.resources import Dataplane, Inbound, Mesh, MeshTls, Outbound
 from meshling.controlplane.status import STATUS_KIND, StatusWriter
@@ -139,6 +141,59 @@ def test_distributor_core_other_meshes_are_untouched() -> None:
     other = Dataplane("api-1", "other", "api", "10.0.0.5")
     core.reset([("Mesh", 1, PLAIN), ("Mesh", 1, Mesh("other")), ("Dataplane", 1, other)])
     assert core.apply("Mesh", "other", "other", 2, Mesh("other", MeshTls(True))) == set()
+
+
+def test_distributor_core_an_equal_state_touches_nobody() -> None:
+    api = dataplane("api-1", "api", n=1)
+    web = dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(MTLS, api, web)
+    core.build(list(core.proxies))
+    # a proxy re-registering what it had, or with other labels: no snapshot can change
+    assert core.apply("Dataplane", "default", "api-1", 2, api) == set()
+    relabelled = dataclasses.replace(api, labels={"team": "a"})
+    assert core.apply("Dataplane", "default", "api-1", 3, relabelled) == set()
+    assert core.dataplane("default", "api-1") == relabelled
+    # the version moved on: an older state is still ignored
+    assert core.apply("Dataplane", "default", "api-1", 2, dataplane("api-1", "api", n=7)) == set()
+    # a change the builder reads touches its callers
+    moved = dataplane("api-1", "api", n=9)
+    assert core.apply("Dataplane", "default", "api-1", 4, moved) == {
+        ("default", "api-1"),
+        ("default", "web-1"),
+    }
+    [outcome] = [o for o in core.build(list(core.proxies)) if o.key == ("default", "web-1")]
+    snapshot = json.loads(outcome.frame or "")["snapshot"]
+    assert {c["name"]: c for c in snapshot["clusters"]}["api"]["endpoints"] == [
+        {"address": "10.0.0.9", "port": 15006}
+    ]
+
+
+def test_distributor_core_frames_carry_the_builders_document() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(MTLS, api, web)
+    core.apply("TrafficPermission", "default", "p", 1, permission("p", "api", "web"))
+    policies = [permission("p", "api", "web")]
+    for outcome in core.build(list(core.proxies)):
+        proxy = core.proxies[outcome.key]
+        expected = build(proxy.dataplane, MTLS, [api, web], policies, TLS)
+        message = decode_server(outcome.frame or "")
+        assert isinstance(message, Push)
+        assert (message.version, message.snapshot) == (expected["version"], expected)
+        # sent as canonical JSON: what the version hashes, plus the version
+        assert proxy.text == canonical_json(expected)
+        assert proxy.snapshot == expected
+        assert core.preview(*outcome.key, TLS) == expected
+
+
+def test_distributor_core_shares_one_index_per_mesh_until_it_changes() -> None:
+    core = core_with(PLAIN, *(dataplane(f"api-{n}", "api", n=n) for n in range(1, 4)))
+    core.build(list(core.proxies))
+    index = core._index("default")
+    assert index is not None and core._index("default") is index
+    core.apply("Dataplane", "default", "api-1", 1, dataplane("api-1", "api", n=1))
+    assert core._index("default") is index  # an equal state keeps it
+    core.apply("Dataplane", "default", "api-1", 2, dataplane("api-1", "api", n=8))
+    assert core._index("default") is not index
 
 
 # the service, on fakes
@@ -487,3 +542,80 @@ def test_distributor_core_rebuilds_a_thousand_proxies_quickly(proxies: int) -> N
     elapsed = time.perf_counter() - start
     assert len(outcomes) == proxies
     assert elapsed < 2.0, f"{elapsed:.2f}s to rebuild {proxies} snapshots"
+
+
+def test_distributor_registering_the_stored_dataplane_builds_only_its_own_snapshot() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        callers = [dataplane(f"web-{n}", "web", outbound="api", n=n + 10) for n in range(5)]
+        api = dataplane("api-1", "api")
+        for d in [*callers, api]:
+            await store.create("Dataplane", "default", d.name, document(d))
+        distributor = await started(store)
+        streams = {d.name: FakeStream() for d in callers}
+        for d in callers:
+            held = store.items[("Dataplane", "default", d.name)]
+            distributor.register(
+                d, held.version, None, service="web", jti="j", stream=streams[d.name], applied=None
+            )
+        await settle()
+        builds = distributor.core.builds
+        # api-1 was stored before (the API, or an earlier stream): its callers keep theirs
+        held = store.items[("Dataplane", "default", "api-1")]
+        distributor.register(
+            api, held.version, None, service="api", jti="j", stream=FakeStream(), applied=None
+        )
+        await settle()
+        assert distributor.core.builds - builds == 1
+        assert all(len(s.offered) == 1 for s in streams.values())
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_token_expiry_closes_the_stream() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        distributor = Distributor(
+            store,  # type: ignore[arg-type]
+            StatusWriter(store, flush_interval=0.01),  # type: ignore[arg-type]
+            replica="r1",
+            offline_after=30,
+            clock=lambda: now,
+        )
+        await distributor.start()
+        streams = {name: FakeStream() for name in ("api-1", "api-2", "api-3")}
+        sessions = {}
+        for n, (name, expires) in enumerate(
+            [
+                ("api-1", now + dt.timedelta(seconds=0.05)),
+                ("api-2", now + dt.timedelta(hours=1)),
+                ("api-3", now + dt.timedelta(seconds=0.05)),
+            ]
+        ):
+            d = dataplane(name, "api", n=n + 1)
+            resource = await store.create("Dataplane", "default", name, document(d))
+            sessions[name] = distributor.register(
+                d,
+                resource.version,
+                None,
+                service="api",
+                jti=name,
+                stream=streams[name],
+                applied=None,
+                expires=expires,
+            )
+        distributor.unregister(sessions["api-3"])  # ended before its token expired
+        await settle()
+        refused = streams["api-1"].refused
+        assert refused is not None
+        reason, message, code = refused
+        assert (reason, code) == ("unauthenticated", 4401)
+        assert "expired at 2026-01-01T00:00:00Z" in message and "token file" in message
+        assert streams["api-2"].refused is None and streams["api-3"].refused is None
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))

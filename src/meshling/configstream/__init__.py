@@ -23,6 +23,7 @@ from meshling.configstream.messages import (
     decode_client,
     decode_server,
     encode,
+    encode_push,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "decode_client",
     "decode_server",
     "encode",
+    "encode_push",
 ]

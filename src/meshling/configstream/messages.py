@@ -113,6 +113,13 @@ def encode(message: ClientMessage | ServerMessage) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
+def encode_push(version: str, snapshot_json: str) -> str:
+    """The text frame of a `Push` whose snapshot is already JSON text (one JSON object):
+    a control plane that serialised the snapshot to hash it sends that text as it is,
+    instead of serialising the document again. Decodes like `encode(Push(...))`."""
+    return f'{{"type":"push","version":{json.dumps(version)},"snapshot":{snapshot_json}}}'
+
+
 def decode_client(text: str | bytes) -> ClientMessage:
     """A message from a proxy. Raises ProtocolError."""
     body = _object(text)

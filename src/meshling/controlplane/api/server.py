@@ -10,6 +10,7 @@ the status it holds, then the store closes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from meshling.configstream import STREAM_PATH
 from meshling.configstream.messages import MAX_MESSAGE_BYTES
 from meshling.controlplane.api.app import create_app
 from meshling.controlplane.distributor import Distributor, replica_id
+from meshling.controlplane.distributor.stream import PER_MESSAGE_DEFLATE
 from meshling.controlplane.resources import MESH_KIND
 from meshling.controlplane.status import DEFAULT_OFFLINE_AFTER, StatusWriter
 from meshling.controlplane.store import AlreadyExists, Store, StoreError, open_store
@@ -173,6 +175,10 @@ async def _serve(store_url: str, host: str, port: int, token: str, options: _Opt
                 offline_after=options.offline_after,
             )
             await distributor.start()
+            # What start-up loaded (modules, the resources' view) stays for the process's
+            # life: out of the collector's sight, full collections stay short when a change
+            # rebuilds every proxy's snapshot at once.
+            gc.freeze()
         except (StoreError, TrustError) as e:
             print(f"error: cannot start the control plane: {e}", file=sys.stderr)
             return 1
@@ -192,6 +198,7 @@ async def _serve(store_url: str, host: str, port: int, token: str, options: _Opt
             ws_ping_interval=10.0,
             ws_ping_timeout=10.0,
             ws_max_size=MAX_MESSAGE_BYTES,
+            ws_per_message_deflate=PER_MESSAGE_DEFLATE,
             ssl_certfile=options.tls_cert,
             ssl_keyfile=options.tls_key,
         )

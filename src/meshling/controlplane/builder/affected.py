@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from meshling.controlplane.builder.snapshot import PolicyResource
+from meshling.controlplane.builder.index import PolicyResource
 from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, Dataplane
 from meshling.policies.traffic_permission import KIND as TRAFFIC_PERMISSION_KIND
 from meshling.policies.traffic_permission import TrafficPermission

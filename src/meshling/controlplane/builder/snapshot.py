@@ -31,29 +31,38 @@ tell an unchanged snapshot from the version alone.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from meshling.controlplane.builder.canonical import canonical_json, object_json
+from meshling.controlplane.builder.index import MeshIndex, PolicyResource
 from meshling.controlplane.resources import Dataplane, Inbound, Mesh, Outbound
 from meshling.identity.spiffe import SpiffeId
-from meshling.policies import traffic_permission
-from meshling.policies.traffic_permission import TrafficPermission
 from meshling.snapshot.model import TlsFiles
-
-# Every policy kind the builder reads; grows with the registry.
-PolicyResource = TrafficPermission
 
 INBOUND_ADDRESS = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 # the version is a prefix of a SHA-256: 64 bits keep collisions out of reach for the
 # number of snapshots one proxy ever sees, and stay short in logs and metric labels
 _VERSION_HEX_DIGITS = 16
+# where `_body` leaves the endpoints of a service's cluster, for the index to fill in
+_FROM_INDEX: Any = object()
 
 
 class BuildError(ValueError):
     """Inputs that cannot make a snapshot (a caller's mistake, not a resource's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotText:
+    """A built snapshot as the config stream sends it: its version, and the canonical
+    JSON of the whole document (version included), the text the version hashes plus the
+    version itself."""
+
+    version: str
+    text: str
 
 
 def build(
@@ -62,6 +71,8 @@ def build(
     dataplanes: Iterable[Dataplane],
     policies: Iterable[PolicyResource],
     tls_paths: TlsFiles | None,
+    *,
+    index: MeshIndex | None = None,
 ) -> dict[str, Any]:
     """The snapshot document of `dataplane`.
 
@@ -69,23 +80,75 @@ def build(
     itself may be among them), `policies` the policy resources (any mesh), `tls_paths`
     where the proxy keeps its own certificate, key and trust bundle (needed only when
     the mesh has mTLS on).
+
+    `index`, `MeshIndex(mesh, dataplanes, policies)` made once for many dataplanes of
+    the mesh, saves reading the whole mesh again for each; `dataplanes` and `policies`
+    are then not read (pass the ones the index was made from, or nothing).
     """
+    if index is None:
+        index = MeshIndex(mesh, dataplanes, policies)
+    body = _body(dataplane, mesh, index, tls_paths)
+    for cluster in body["clusters"]:
+        if cluster["endpoints"] is _FROM_INDEX:
+            endpoints = index.endpoints(cluster["name"], excluding=dataplane.name)
+            cluster["endpoints"] = [{"address": a, "port": p} for a, p in endpoints]
+    return {"version": version_of(body), **body}
+
+
+def build_text(dataplane: Dataplane, index: MeshIndex, tls_paths: TlsFiles | None) -> SnapshotText:
+    """`build`'s document for `dataplane` of the index's mesh, as canonical JSON: the
+    document is serialised once, for its version and for the wire, and the endpoints of
+    each service are serialised once for every snapshot of the index."""
+    body = _body(dataplane, index.mesh, index, tls_paths)
+    members = {key: canonical_json(value) for key, value in body.items() if key != "clusters"}
+    clusters = (_cluster_json(c, index, excluding=dataplane.name) for c in body["clusters"])
+    members["clusters"] = "[" + ",".join(clusters) + "]"
+    text = object_json(members)
+    version = _hash(text)
+    # "version" sorts after every key of the body, so the whole document's canonical
+    # JSON is the body's with the version appended
+    return SnapshotText(version, f'{text[:-1]},"version":{json.dumps(version)}}}')
+
+
+def _cluster_json(cluster: dict[str, Any], index: MeshIndex, excluding: str) -> str:
+    if cluster["endpoints"] is not _FROM_INDEX:
+        return canonical_json(cluster)
+    return object_json(
+        {
+            key: index.endpoints_json(cluster["name"], excluding)
+            if value is _FROM_INDEX
+            else canonical_json(value)
+            for key, value in cluster.items()
+        }
+    )
+
+
+def version_of(body: dict[str, Any]) -> str:
+    """A stable hash of a snapshot document without its version."""
+    return _hash(canonical_json(body))
+
+
+def _hash(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode()).hexdigest()[:_VERSION_HEX_DIGITS]
+
+
+def _body(
+    dataplane: Dataplane, mesh: Mesh, index: MeshIndex, tls_paths: TlsFiles | None
+) -> dict[str, Any]:
+    """The document without its version, and with `_FROM_INDEX` for the endpoints of
+    the clusters of services: the caller puts them in, as documents or as text."""
     if dataplane.mesh != mesh.name:
         raise BuildError(
             f"dataplane {dataplane.name!r} belongs to mesh {dataplane.mesh!r}, not {mesh.name!r}"
         )
+    if index.mesh != mesh:
+        raise BuildError(f"the index was made for {index.mesh!r}, not {mesh!r}")
     tls = tls_paths if mesh.mtls.enabled else None
     if mesh.mtls.enabled and tls is None:
         raise BuildError(
             f"mesh {mesh.name!r} has mTLS on: dataplane {dataplane.name!r} needs tls_paths"
         )
-    peers = [d for d in dataplanes if d.mesh == dataplane.mesh and d.name != dataplane.name]
-    authz = None
-    if tls is not None:
-        permissions = [p for p in policies if isinstance(p, TrafficPermission)]
-        authz = traffic_permission.to_snapshot(
-            permissions, dataplane.service, mesh.name, _instance_tags(dataplane, dataplanes)
-        )
+    authz = index.authz(dataplane) if tls is not None else None
 
     listeners: list[dict[str, Any]] = []
     clusters: dict[str, dict[str, Any]] = {}
@@ -99,36 +162,18 @@ def build(
             chain = {**security, **chain}
         listeners.append(_listener(f"inbound:{inbound.port}", INBOUND_ADDRESS, inbound, chain))
     for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
-        cluster = _service_cluster(outbound, mesh, peers, tls)
+        cluster = _service_cluster(outbound, mesh, tls)
         clusters[cluster["name"]] = cluster
         name = f"outbound:{outbound.service}"
         chain = _chain(outbound.protocol, name, outbound.service, outbound.service)
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
 
-    body: dict[str, Any] = {
+    return {
         "node": dataplane.name,
         "admin": {"address": LOOPBACK, "port": dataplane.admin_port},
         "listeners": listeners,  # inbounds, then outbounds, each by port
         "clusters": [clusters[name] for name in sorted(clusters)],
     }
-    return {"version": version_of(body), **body}
-
-
-def _instance_tags(
-    dataplane: Dataplane, dataplanes: Iterable[Dataplane]
-) -> dict[str, list[dict[str, str]]]:
-    """The tags of each dataplane of the mesh, by service: what tag sources select from."""
-    instances: dict[str, list[dict[str, str]]] = {dataplane.service: [dataplane.tags]}
-    for other in dataplanes:
-        if other.mesh == dataplane.mesh:
-            instances.setdefault(other.service, []).append(other.tags)
-    return instances
-
-
-def version_of(body: dict[str, Any]) -> str:
-    """A stable hash of a snapshot document without its version."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:_VERSION_HEX_DIGITS]
 
 
 def _files(tls: TlsFiles) -> dict[str, str]:
@@ -161,30 +206,9 @@ def _local_cluster(inbound: Inbound) -> dict[str, Any]:
     }
 
 
-def _service_cluster(
-    outbound: Outbound, mesh: Mesh, peers: list[Dataplane], tls: TlsFiles | None
-) -> dict[str, Any]:
-    # a set: the same instance listed twice (say, re-registered) is one endpoint
-    endpoints = {
-        (peer.address, inbound.port)
-        for peer in peers
-        if peer.service == outbound.service
-        for inbound in peer.inbounds
-    }
-    cluster: dict[str, Any] = {
-        "name": outbound.service,
-        "endpoints": [
-            {"address": address, "port": port}
-            for address, port in sorted(endpoints, key=_endpoint_order)
-        ],
-    }
+def _service_cluster(outbound: Outbound, mesh: Mesh, tls: TlsFiles | None) -> dict[str, Any]:
+    cluster: dict[str, Any] = {"name": outbound.service, "endpoints": _FROM_INDEX}
     if tls is not None:
         identity = SpiffeId.for_service(mesh.name, outbound.service)
         cluster["tls"] = {**_files(tls), "identity": str(identity)}
     return cluster
-
-
-def _endpoint_order(endpoint: tuple[str, int]) -> tuple[int, int, int]:
-    # numeric, so 10.0.0.9 comes before 10.0.0.10; IPv4 before IPv6
-    ip = ipaddress.ip_address(endpoint[0])
-    return ip.version, int(ip), endpoint[1]

@@ -8,17 +8,34 @@ refusals (a snapshot that cannot be built). The I/O layer (`service`) reads the 
 feeds this, and writes to sockets.
 
 A resource's state is kept with its store version, so a late re-read never replaces a
-newer state: `apply` of a version older than the one held changes nothing.
+newer state: `apply` of a version older than the one held changes nothing, and neither
+does one equal, for the builder, to the state held (a proxy re-registering the dataplane
+it had, a re-list): no snapshot can change.
+
+Snapshots are built from one `MeshIndex` per mesh, made on the first build after a
+change to the mesh and shared by every build until the next: a change touching all N
+proxies reads the mesh once, not N times. A snapshot is serialised once, to canonical
+JSON: the same text gives its version and is the push frame's snapshot.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshling.configstream import Push, encode
-from meshling.controlplane.builder import BuildError, PolicyResource, affected, build
+from meshling.configstream import encode_push
+from meshling.controlplane.builder import (
+    BuildError,
+    MeshIndex,
+    PolicyResource,
+    SnapshotText,
+    affected,
+    build,
+    build_text,
+)
 from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, Dataplane, Mesh
 from meshling.snapshot.model import TlsFiles
 
@@ -35,9 +52,15 @@ class Proxy:
     # there is one (an operator may have changed it), else from this
     dataplane: Dataplane
     tls: TlsFiles | None
-    # the last snapshot built for it, and its version
+    # the last snapshot built for it: its version, and its canonical JSON (text, not the
+    # document: a fifth of the memory, and it is read only to inspect the proxy)
     version: str | None = None
-    snapshot: dict[str, Any] | None = None
+    text: str | None = None
+
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The last snapshot built for it, as a document."""
+        return None if self.text is None else dict(json.loads(self.text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +78,8 @@ class _MeshView:
     mesh: tuple[int, Mesh] | None = None
     dataplanes: dict[str, tuple[int, Dataplane]] = field(default_factory=dict)
     policies: dict[tuple[str, str], tuple[int, PolicyResource]] = field(default_factory=dict)
+    # made from the above on the first build after a change, shared until the next
+    index: MeshIndex | None = None
 
 
 def _mesh_of(resource: Resource) -> str:
@@ -91,8 +116,12 @@ class DistributorCore:
         if held is not None and held[0] > version:
             return set()  # a newer state is already here
         before = held[1] if held is not None else None
+        if before is not None and resource is not None and _same_to_the_builder(before, resource):
+            self._put(kind, mesh, name, version, resource)
+            return set()
         names = self._affected(kind, mesh, name, before, resource)
         self._put(kind, mesh, name, version, resource)
+        self._meshes[mesh].index = None
         return {key for key in self.proxies if key[0] == mesh and key[1] in names}
 
     def mesh(self, name: str) -> Mesh | None:
@@ -163,65 +192,61 @@ class DistributorCore:
         and a refusal for those that cannot be built. A proxy whose mesh is gone keeps
         what it runs (nothing is sent)."""
         outcomes: list[Outcome] = []
-        # the inputs of one mesh, listed once for all its proxies
-        inputs: dict[str, tuple[Mesh, list[Dataplane], list[PolicyResource]] | None] = {}
         for key in sorted(keys):
             proxy = self.proxies.get(key)
             if proxy is None:
                 continue
-            mesh_name = key[0]
-            if mesh_name not in inputs:
-                inputs[mesh_name] = self._inputs(mesh_name)
-            found = inputs[mesh_name]
-            if found is None:
+            index = self._index(key[0])
+            if index is None:
                 continue
-            mesh, dataplanes, policies = found
-            document = self._build(proxy, mesh, dataplanes, policies)
-            if isinstance(document, str):
-                outcomes.append(Outcome(key, refusal=document))
+            self.builds += 1
+            dataplane = self.dataplane(*proxy.key) or proxy.dataplane
+            try:
+                built: SnapshotText = build_text(dataplane, index, proxy.tls)
+            except BuildError as e:
+                outcomes.append(Outcome(key, refusal=str(e)))
                 continue
-            version = str(document["version"])
-            if version == proxy.version:
+            if built.version == proxy.version:
                 self.unchanged += 1
                 continue
-            proxy.version, proxy.snapshot = version, document
-            outcomes.append(Outcome(key, version, encode(Push(version, document))))
+            proxy.version, proxy.text = built.version, built.text
+            outcomes.append(Outcome(key, built.version, encode_push(built.version, built.text)))
         return outcomes
 
     def preview(self, mesh_name: str, name: str, tls: TlsFiles | None) -> dict[str, Any] | str:
         """The snapshot a dataplane would get now, or why it cannot get one."""
         proxy = self.proxies.get((mesh_name, name))
-        if proxy is not None and proxy.snapshot is not None:
-            return proxy.snapshot
-        found = self._inputs(mesh_name)
-        if found is None:
+        snapshot = proxy.snapshot if proxy is not None else None
+        if snapshot is not None:
+            return snapshot
+        index = self._index(mesh_name)
+        if index is None:
             return f"mesh {mesh_name!r} does not exist"
         dataplane = self.dataplane(mesh_name, name)
         if dataplane is None:
             return f"dataplane {name!r} does not exist in mesh {mesh_name!r}"
-        mesh, dataplanes, policies = found
-        result = self._build(Proxy((mesh_name, name), dataplane, tls), mesh, dataplanes, policies)
-        self.builds -= 1  # a preview is not a build for a stream
-        return result
+        try:
+            return build(dataplane, index.mesh, (), (), tls, index=index)
+        except BuildError as e:
+            return str(e)
 
-    def _inputs(self, mesh_name: str) -> tuple[Mesh, list[Dataplane], list[PolicyResource]] | None:
+    def _index(self, mesh_name: str) -> MeshIndex | None:
+        """The mesh's index, made now if a change dropped it; None without the mesh."""
         view = self._meshes.get(mesh_name)
         if view is None or view.mesh is None:
             return None
-        dataplanes = [d for _, d in view.dataplanes.values()]
-        policies = [p for _, p in view.policies.values()]
-        return view.mesh[1], dataplanes, policies
+        if view.index is None:
+            view.index = MeshIndex(
+                view.mesh[1],
+                (d for _, d in view.dataplanes.values()),
+                (p for _, p in view.policies.values()),
+            )
+        return view.index
 
-    def _build(
-        self,
-        proxy: Proxy,
-        mesh: Mesh,
-        dataplanes: list[Dataplane],
-        policies: list[PolicyResource],
-    ) -> dict[str, Any] | str:
-        self.builds += 1
-        dataplane = self.dataplane(*proxy.key) or proxy.dataplane
-        try:
-            return build(dataplane, mesh, dataplanes, policies, proxy.tls)
-        except BuildError as e:
-            return str(e)
+
+def _same_to_the_builder(before: Resource, after: Resource) -> bool:
+    """Whether two states of a resource make the same snapshots."""
+    if isinstance(before, Dataplane) and isinstance(after, Dataplane):
+        # labels select resources (`meshling get -l`); no snapshot reads them
+        return before == dataclasses.replace(after, labels=before.labels)
+    return before == after

@@ -11,12 +11,15 @@ loop keeps answering ACKs.
 
 Streams register here (`register`) after their hello, and report ACKs and NACKs; their
 status goes through the batched `StatusWriter`, with one heartbeat pass per interval.
+A stream lasts as long as its token: one that is revoked, or expires, closes it
+(`unauthenticated`), and the proxy reconnects with the token it reads then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -82,6 +85,8 @@ class Session:
     # versions pushed on this stream, newest last: an ACK must name one of them
     pushed: deque[str] = field(default_factory=lambda: deque(maxlen=16))
     applied: str | None = None
+    # closes the stream when its token expires
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def key(self) -> Key:
@@ -163,6 +168,8 @@ class Distributor:
             await self._watch.aclose()
         now = iso(self._clock())
         for session in list(self._sessions.values()):
+            if session.expiry is not None:
+                session.expiry.cancel()
             self.status.note(session.key, connected=False, last_seen=now)
             session.stream.refuse("unavailable", "the control plane is shutting down", 1001)
         self._sessions.clear()
@@ -180,9 +187,11 @@ class Distributor:
         jti: str,
         stream: Stream,
         applied: str | None,
+        expires: dt.datetime | None = None,
     ) -> Session:
         """A stream's hello was accepted and its dataplane stored at `version`: build and
-        push its snapshot. An earlier stream of the same dataplane here is closed."""
+        push its snapshot. An earlier stream of the same dataplane here is closed, and
+        this one will be when its token `expires`."""
         key = (dataplane.mesh, dataplane.name)
         touched = self.core.apply("Dataplane", dataplane.mesh, dataplane.name, version, dataplane)
         session = Session(Proxy(key, dataplane, tls), stream, service, jti, applied=applied)
@@ -193,6 +202,11 @@ class Distributor:
             )
         self._sessions[key] = session
         self.core.connect(session.proxy)
+        if expires is not None:
+            left = (expires - self._clock()).total_seconds()
+            session.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, left), self._expired, session, expires
+            )
         now = iso(self._clock())
         self.status.note(
             key,
@@ -216,6 +230,8 @@ class Distributor:
         return session
 
     def unregister(self, session: Session) -> None:
+        if session.expiry is not None:
+            session.expiry.cancel()
         if self._sessions.get(session.key) is not session:
             return  # superseded: the newer stream owns the status
         del self._sessions[session.key]
@@ -344,6 +360,17 @@ class Distributor:
                 )
         if touched:
             await self._build_and_deliver(touched)
+
+    def _expired(self, session: Session, expires: dt.datetime) -> None:
+        if self._sessions.get(session.key) is session:
+            session.stream.refuse(
+                "unauthenticated",
+                f"the dataplane token has expired: it expired at "
+                f"{expires.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}, and a stream lasts only as "
+                "long as its token; put a new one in the proxy's token file (meshling token "
+                f"dataplane --service {session.service}), it is read again on reconnecting",
+                CLOSE_UNAUTHENTICATED,
+            )
 
     def _revoked(self, jti: str) -> None:
         for session in list(self._sessions.values()):
