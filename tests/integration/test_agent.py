@@ -552,7 +552,9 @@ def test_agent_fails_over_to_the_next_control_plane(
         s.cp.stop()
 
 
-def test_agent_refusal_is_logged_and_not_retried_soon(setup: Setup, start_agent) -> None:
+def test_agent_refusal_is_logged_and_not_retried_soon(
+    setup: Setup, start_agent, tmp_path: Path
+) -> None:
     from meshling.configstream import Hello
 
     setup.cp.refusal = Refusal("revoked", "token id 0123 was revoked")
@@ -562,6 +564,11 @@ def test_agent_refusal_is_logged_and_not_retried_soon(setup: Setup, start_agent)
     time.sleep(3)
     assert len(setup.cp.hellos) == 1
     assert agent.proc.poll() is None
+    # a new token in the token file ends the long wait: the proxy reconnects at once
+    setup.cp.refusal = None
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    wait_for(lambda: len(setup.cp.hellos) == 2, 5, "a reconnect with the new token")
+    assert "the token file" in agent.logs() and "reconnecting now" in agent.logs()
 
 
 def test_agent_start_up_errors_are_clear(start_agent, tmp_path: Path) -> None:

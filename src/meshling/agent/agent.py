@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import ssl
@@ -68,6 +69,8 @@ PING_INTERVAL: Final = 15.0
 PING_TIMEOUT: Final = 15.0
 # long sleeps are cut into these, so a wall-clock jump is noticed
 MAX_SLEEP: Final = 60.0
+# how often a proxy waiting to reconnect looks for a replaced token file
+TOKEN_POLL: Final = 1.0
 
 
 class Refused(Exception):
@@ -219,7 +222,18 @@ class Agent:
                     self.applied,
                     delay,
                 )
-            await asyncio.sleep(delay)
+            await self._wait_or_new_token(delay)
+
+    async def _wait_or_new_token(self, delay: float) -> None:
+        """Sleep `delay` seconds, cut short when the token file is replaced: after a
+        refusal (an expired or revoked token) a new token is what the proxy waits for."""
+        before = _mtime(self.settings.token_file)
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, TOKEN_POLL))
+            if _mtime(self.settings.token_file) != before:
+                log.info("the token file %s changed: reconnecting now", self.settings.token_file)
+                return
 
     async def _session(self, url: str) -> None:
         """One config stream, from connecting to its end."""
@@ -365,6 +379,13 @@ class Agent:
                 await asyncio.sleep(wait)
             else:
                 self.renew_backoff.success()
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def describe(exc: BaseException) -> str:
