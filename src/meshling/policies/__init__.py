@@ -20,7 +20,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from meshling.policies import traffic_permission
+from meshling.policies import (
+    circuit_breaker,
+    fault_injection,
+    health_check,
+    load_balancing,
+    rate_limit,
+    retry,
+    timeout,
+    traffic_permission,
+)
 from meshling.policies.selection import Selection
 
 if TYPE_CHECKING:
@@ -67,6 +76,69 @@ POLICIES: tuple[PolicyType[Any, Any], ...] = (
         traffic_permission.parse_resource,
         traffic_permission.to_snapshot,
         traffic_permission.selects,
+    ),
+    PolicyType(  # how much a caller may send: refused before any work is spent on it
+        rate_limit.KIND,
+        rate_limit.parse_resource,
+        None,
+        rate_limit.selects,
+        attach="chain",
+        key="rate_limit",
+        fragment=rate_limit.fragment,
+    ),
+    PolicyType(  # delays and aborts for admitted requests, before routing
+        fault_injection.KIND,
+        fault_injection.parse_resource,
+        None,
+        fault_injection.selects,
+        attach="chain",
+        key="fault",
+        fragment=fault_injection.fragment,
+    ),
+    PolicyType(  # how long a call to a service may take, every attempt included
+        timeout.KIND,
+        timeout.parse_resource,
+        None,
+        timeout.selects,
+        attach="route",
+        key="timeout",
+        fragment=timeout.fragment,
+    ),
+    PolicyType(  # which failed attempts are tried again, inside the timeout
+        retry.KIND,
+        retry.parse_resource,
+        None,
+        retry.selects,
+        attach="route",
+        key="retry",
+        fragment=retry.fragment,
+    ),
+    PolicyType(  # limits on what a cluster carries, then which endpoints are ejected
+        circuit_breaker.KIND,
+        circuit_breaker.parse_resource,
+        None,
+        circuit_breaker.selects,
+        attach="cluster",
+        key="circuit_breaker",
+        fragment=circuit_breaker.fragment,
+    ),
+    PolicyType(  # which endpoint of the cluster a request goes to
+        load_balancing.KIND,
+        load_balancing.parse_resource,
+        None,
+        load_balancing.selects,
+        attach="cluster",
+        key="load_balancing",
+        fragment=load_balancing.fragment,
+    ),
+    PolicyType(  # out of band: which endpoints the balancer may pick from
+        health_check.KIND,
+        health_check.parse_resource,
+        None,
+        health_check.selects,
+        attach="cluster",
+        key="health_check",
+        fragment=health_check.fragment,
     ),
 )
 

@@ -1,7 +1,15 @@
-"""Clusters at run time: endpoint choice and per-endpoint connection pools.
+"""Clusters at run time: endpoint choice, circuit breaking and per-endpoint connection pools.
 
 Pools are keyed by endpoint and shared by every snapshot the proxy has run,
 so a reload that keeps an endpoint keeps its warm keep-alive connections.
+
+Endpoint choice is the `Balancer`'s (`proxy/balancer.py`): load balancing, outlier
+detection and health. The circuit breaker's limits count in the cluster's `ClusterStats`,
+which every snapshot's runtime of the cluster shares: requests in flight
+(`max_requests`, checked by `admit` before an endpoint is picked), requests waiting for a
+connection (`max_pending_requests`) and connections open or opening
+(`max_connections`), both checked by `connect`. A request over a limit gets a 503 naming
+it (`ConnectError` with status 503 from `connect`).
 
 A TLS cluster whose own certificate has expired sends nothing new: it reuses no pooled
 connection and opens none (`ConnectError` with status 503 and reason
@@ -14,13 +22,15 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from meshling.proxy.balancer import Balancer, Host, HostGroup
 from meshling.snapshot.model import Cluster, Endpoint, UpstreamTls
 from meshling.telemetry.metrics import ClusterStats
 
 if TYPE_CHECKING:
+    from meshling.proxy.retry import RouteRetries
     from meshling.proxy.tls import ClientTls
 
 
@@ -31,23 +41,6 @@ class Pooled(Protocol):
 
     def usable(self) -> bool: ...
     def close(self) -> None: ...
-
-
-class RoundRobin:
-    """Endpoint choice in turn; a pure decision over the endpoint list."""
-
-    __slots__ = ("_next", "endpoints")
-
-    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
-        self.endpoints = endpoints
-        self._next = 0
-
-    def pick(self) -> Endpoint | None:
-        if not self.endpoints:
-            return None
-        i = self._next
-        self._next = (i + 1) % len(self.endpoints)
-        return self.endpoints[i]
 
 
 class EndpointPool:
@@ -124,7 +117,19 @@ class PoolSet:
 class ClusterRuntime:
     """One cluster of the running snapshot: its balancer, pools and counters."""
 
-    __slots__ = ("balancer", "config", "loop", "pools", "stats", "tls")
+    __slots__ = (
+        "balancer",
+        "config",
+        "group",
+        "loop",
+        "max_connections",
+        "max_pending",
+        "max_requests",
+        "pools",
+        "retries",
+        "stats",
+        "tls",
+    )
 
     def __init__(
         self,
@@ -132,18 +137,88 @@ class ClusterRuntime:
         pools: PoolSet,
         stats: ClusterStats,
         tls: ClientTls | None = None,
+        group: HostGroup | None = None,
+        zone: str | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
-        self.balancer = RoundRobin(config.endpoints)
+        # the endpoints' standing, shared with the cluster's runtimes of other snapshots
+        self.group = group if group is not None else HostGroup(config.name, stats)
+        self.balancer = Balancer(config, self.group, zone)
+        breaker = config.circuit_breaker
+        # 0: no limit (no CircuitBreaker)
+        self.max_connections = breaker.max_connections if breaker is not None else 0
+        self.max_pending = breaker.max_pending_requests if breaker is not None else 0
+        self.max_requests = breaker.max_requests if breaker is not None else 0
         self.pools = pools
         self.stats = stats
         self.loop = asyncio.get_running_loop()
+        # the retry budget and counters of each route to this cluster with a Retry
+        # policy, by route name (`proxy.retry`); a reload starts the budgets afresh
+        self.retries: dict[str, RouteRetries] = {}
         for endpoint in config.endpoints:
             pools.idle_timeouts[(endpoint, config.tls)] = config.idle_timeout
 
-    def pick(self) -> Endpoint | None:
-        return self.balancer.pick()
+    def pick(
+        self, headers: Sequence[tuple[bytes, bytes]] | None = None, peer: bytes = b""
+    ) -> Endpoint | None:
+        """The balancer's endpoint for a request (its headers; the client's address),
+        counting nothing: for a choice whose outcome `report` receives, or none."""
+        host = self.balancer.pick(headers, peer)
+        return None if host is None else host.endpoint
+
+    # -- the circuit breaker and the balancer's accounting --------------------------------
+    def admit(self) -> str | None:
+        """Count a request in flight; the reason (`x-meshling-error`) if max_requests
+        refuses it. Every admitted request ends with `finished`."""
+        stats = self.stats
+        if self.max_requests and stats.rq_active >= self.max_requests:
+            self._overflow("max_requests")
+            return "circuit_breaker_max_requests"
+        stats.rq_active += 1
+        return None
+
+    def choose(
+        self, headers: Sequence[tuple[bytes, bytes]] | None = None, peer: bytes = b""
+    ) -> Host | None:
+        """The balancer's host for an admitted request, counted in flight on it (least
+        request, ewma) until `finished`."""
+        host = self.balancer.pick(headers, peer)
+        if host is not None:
+            host.active += 1
+        return host
+
+    def finished(
+        self,
+        chosen: Host | None,
+        endpoint: Endpoint | None,
+        status: int,
+        error: str | None,
+        started: float,
+    ) -> None:
+        """An admitted request ended: `status` and the proxy's `error` as the client got
+        them, from `endpoint` (the last one tried; `chosen` unless a retry moved on)."""
+        self.stats.rq_active -= 1
+        host = chosen
+        if chosen is not None:
+            chosen.active -= 1
+            if endpoint is not chosen.endpoint:
+                host = self.group.hosts.get(endpoint) if endpoint is not None else None
+        elif endpoint is not None:
+            host = self.group.hosts.get(endpoint)
+        if host is not None:
+            self.balancer.report(host, status, error, time.monotonic() - started)
+
+    def report(self, endpoint: Endpoint, status: int, error: str | None, latency: float) -> None:
+        """The outcome of one attempt that is not the request's last (a retried failure),
+        for outlier detection and latency estimates."""
+        host = self.group.hosts.get(endpoint)
+        if host is not None:
+            self.balancer.report(host, status, error, latency)
+
+    def _overflow(self, limit: str) -> None:
+        overflows = self.stats.overflows
+        overflows[limit] = overflows.get(limit, 0) + 1
 
     def take_idle(self, endpoint: Endpoint) -> Pooled | None:
         tls = self.tls
@@ -165,9 +240,34 @@ class ClusterRuntime:
             pool.discard(conn)
 
     async def connect(
-        self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol]
+        self,
+        endpoint: Endpoint,
+        factory: Callable[[], asyncio.Protocol],
+        timeout: float = 0.0,
     ) -> asyncio.Protocol:
-        """Open a TCP connection, counting failures by reason; raises ConnectError."""
+        """Open a TCP connection, counting failures by reason; raises ConnectError.
+
+        `timeout` is a route's or chain's own connect timeout (Timeout policy); 0 takes
+        the cluster's. Over the circuit breaker's max_pending_requests or max_connections
+        the connection is not tried (ConnectError with status 503 naming the limit).
+        """
+        stats = self.stats
+        if self.max_pending:
+            if stats.rq_pending >= self.max_pending:
+                self._overflow("max_pending_requests")
+                raise ConnectError("circuit_breaker_max_pending_requests", endpoint, status=503)
+            if stats.cx_active + stats.rq_pending >= self.max_connections:
+                self._overflow("max_connections")
+                raise ConnectError("circuit_breaker_max_connections", endpoint, status=503)
+        stats.rq_pending += 1
+        try:
+            return await self._open(endpoint, factory, timeout)
+        finally:
+            stats.rq_pending -= 1
+
+    async def _open(
+        self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol], timeout: float
+    ) -> asyncio.Protocol:
         tls = self.tls
         if tls is not None and tls.own.expired(time.time()):
             from meshling.proxy.tls import OWN_CERTIFICATE_EXPIRED
@@ -184,7 +284,7 @@ class ClusterRuntime:
                     endpoint.port,
                     ssl=tls.context if tls is not None else None,
                 ),
-                self.config.connect_timeout or None,
+                timeout or self.config.connect_timeout or None,
             )
         except TimeoutError:
             self._fail("timeout")
@@ -223,7 +323,8 @@ class ConnectError(Exception):
     """No connection to an endpoint: why, and the local reply it deserves.
 
     `status` is 502 when the endpoint failed, 503 when the proxy would not try (its own
-    certificate expired); for the latter, `reason` is also the `x-meshling-error`.
+    certificate expired, a circuit breaker limit); for the latter, `reason` is also the
+    `x-meshling-error`.
     """
 
     def __init__(self, reason: str, endpoint: Endpoint, status: int = 502) -> None:

@@ -9,8 +9,13 @@ full write buffer on one side pauses reading on the other.
 Errors the proxy produces itself carry ``x-meshling-error`` naming the reason:
 400/4xx for malformed requests (connection closed, nothing forwarded), 404
 ``route_not_found``, 502 ``upstream_connect_failure``/``upstream_reset``/
-``upstream_protocol_error``, 503 ``no_endpoint``/``own_certificate_expired``, 504
-``upstream_timeout``.
+``upstream_protocol_error``, 503 ``no_endpoint``/``own_certificate_expired``/
+``circuit_breaker_max_requests`` (``_max_pending_requests``, ``_max_connections``), 504
+``upstream_timeout``/``upstream_per_try_timeout``/``stream_idle_timeout``.
+
+On a route with a Retry policy the request body is also kept as it streams (up to the
+policy's ``max_body``), so that another attempt can send it again (``proxy.retry``), and
+every response carries ``x-meshling-attempts``.
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ from meshling.http1 import (
 from meshling.http1.codec import Limits
 from meshling.http1.path import PathError, normalize_path
 from meshling.proxy.cluster import ConnectError
+from meshling.proxy.retry import ATTEMPTS_HEADER, Attempts, wanted
 from meshling.proxy.side import Side
 
 if TYPE_CHECKING:
+    from meshling.proxy.balancer import Host
     from meshling.proxy.cluster import ClusterRuntime
+    from meshling.proxy.inbound import CallerPolicies
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
     from meshling.snapshot.model import Endpoint, Route
 
@@ -108,6 +116,8 @@ class HttpDownstream(Side):
         # the client's verified SPIFFE ID, when it came over mTLS
         self.peer_identity: bytes | None = None
         self.permitted = True
+        # the caller's RateLimit and FaultInjection rules (proxy.inbound); None: neither
+        self.policies: CallerPolicies | None = None
         self.closed = False
         self.draining = False
         # the current request asked to switch protocols / the upstream agreed
@@ -135,6 +145,8 @@ class HttpDownstream(Side):
                 return
         # Requests of a caller that TrafficPermission denies are answered 403.
         self.permitted = self.chain.authorize(self.peer_identity)
+        if self.chain.inbound is not None:
+            self.policies = self.chain.inbound.for_caller(self.peer_identity)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         self.stats.cx_total += 1
@@ -201,6 +213,14 @@ class HttpDownstream(Side):
                     return
                 self.head_started = None
                 self.partial_head = False
+                policies = self.policies
+                if (
+                    policies is not None and self.permitted and policies.hold(self, event)  # type: ignore[arg-type]
+                ):
+                    # Held by a policy (a global rate-limit lease, a fault's delay): it
+                    # waits like a pipelined request, and is dispatched again after.
+                    self.queue.extend(events[i:])
+                    return
                 self._start(event)  # type: ignore[arg-type]
                 if self.closed or self.transport is None or self.transport.is_closing():
                     return
@@ -242,6 +262,8 @@ class HttpDownstream(Side):
         if not self.permitted:
             ex.local_reply(403, "permission_denied")
             return
+        if self.policies is not None and self.policies.answer(ex):
+            return  # refused by a rate limit (429), or aborted by a fault
         try:
             path = normalize_path(
                 head.path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes
@@ -257,13 +279,20 @@ class HttpDownstream(Side):
             return
         ex.route = route
         cluster = chain.clusters[route.cluster]
-        ex.cluster = cluster
-        endpoint = cluster.pick()
-        if endpoint is None:
+        refused = cluster.admit()  # CircuitBreaker's max_requests
+        if refused is not None:
+            ex.local_reply(503, refused)
+            return
+        ex.cluster = cluster  # admitted: `finish` tells the cluster the request ended
+        if (route.retry is not None or route.timeouts is not None) and head.upgrade is None:
+            # Retry and Timeout policies: only their routes pay for them.
+            ex.attempts = Attempts(ex, route, cluster) if wanted(route) else None
+        host = ex.chosen = cluster.choose(head.headers, self.peer)
+        if host is None:
             cluster.stats.no_endpoint += 1
             ex.local_reply(503, "no_endpoint")
             return
-        ex.endpoint = endpoint
+        ex.endpoint = endpoint = host.endpoint
         ex.build_upstream_head()
         conn = cluster.take_idle(endpoint)
         if conn is not None:
@@ -306,7 +335,10 @@ class HttpDownstream(Side):
     # -- timers, drain, close -------------------------------------------------------
     def tick(self, now: float) -> None:
         """Called about once a second: header and idle timeouts."""
-        if self.exchange is not None or self.closed:
+        ex = self.exchange
+        if ex is not None and ex.attempts is not None and not self.closed:
+            ex.attempts.tick(now)  # the route's stream idle timeout
+        if ex is not None or self.closed:
             return
         limits = self.http.limits
         started = self.head_started
@@ -343,8 +375,10 @@ class Exchange:
 
     __slots__ = (
         "attempt_retried",
+        "attempts",
         "body_in",
         "body_out",
+        "chosen",
         "chunked_out",
         "cluster",
         "connect_task",
@@ -380,6 +414,8 @@ class Exchange:
         self.route: Route | None = None
         self.cluster: ClusterRuntime | None = None
         self.endpoint: Endpoint | None = None
+        # the balancer's host for the request, counted in flight on it until `finish`
+        self.chosen: Host | None = None
         self.upstream: HttpUpstream | None = None
         self.upstream_head = b""
         self.connect_task: asyncio.Task[None] | None = None
@@ -404,6 +440,8 @@ class Exchange:
         self.continue_sent = False
         self.reused = False
         self.attempt_retried = False
+        # retries, per-try and idle timeouts (proxy.retry), on routes with those policies
+        self.attempts: Attempts | None = None
         self.status = 0
         # body bytes received from the client and sent to it, and the proxy's own error
         self.body_in = 0
@@ -469,15 +507,21 @@ class Exchange:
         cluster = self.cluster
         endpoint = self.endpoint
         assert cluster is not None and endpoint is not None
+        route = self.route
+        timeouts = route.timeouts if route is not None else None
         try:
-            protocol = await cluster.connect(endpoint, lambda: HttpUpstream(cluster, endpoint))
+            protocol = await cluster.connect(
+                endpoint,
+                lambda: HttpUpstream(cluster, endpoint),
+                timeouts.connect if timeouts is not None else 0.0,
+            )
         except ConnectError as exc:
             self.connect_task = None
             if not self.finished:
                 if exc.status == 503:
                     # the proxy would not try (its own certificate expired): say why
                     self.local_reply(503, exc.reason, close=not self.request_done)
-                else:
+                elif self.attempts is None or not self.attempts.failed("connect-failure"):
                     self.local_reply(502, "upstream_connect_failure", close=not self.request_done)
             return
         except asyncio.CancelledError:
@@ -508,24 +552,44 @@ class Exchange:
         else:
             conn.write(self.upstream_head)
 
+    def send_attempt(self) -> None:
+        """Send the request (head and `pending`) again, to `endpoint` (a retry)."""
+        cluster = self.cluster
+        endpoint = self.endpoint
+        assert cluster is not None and endpoint is not None
+        conn = cluster.take_idle(endpoint)
+        if conn is not None:
+            assert isinstance(conn, HttpUpstream)
+            self.attach(conn, reused=True)
+        else:
+            self.connect()
+
     # -- request body --------------------------------------------------------------------
     def request_data(self, data: bytes) -> None:
         head = self.head
         assert head is not None
         self.body_in += len(data)
         framed = encode_chunk(data) if head.chunked else data
+        if self.attempts is not None:
+            self.attempts.keep(framed, len(data))
         self._send_upstream(framed)
 
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         head = self.head
         assert head is not None
         self.request_done = True
+        attempts = self.attempts
         if head.chunked:
-            self._send_upstream(encode_last_chunk(trailers))
+            last = encode_last_chunk(trailers)
+            if attempts is not None:
+                attempts.keep(last, 0)
+            self._send_upstream(last)
         route = self.route
         if route is not None and route.timeout and not self.finished and head.upgrade is None:
             # Like Envoy's route timeout, it runs from the end of the request.
             self.timer = self.downstream.chain.deadlines.add(self, route.timeout)
+        if attempts is not None and not self.finished:
+            attempts.request_sent()
         if self.response_done:
             self.finish()
 
@@ -573,6 +637,8 @@ class Exchange:
                 self.body_out += len(data)
                 out.append(encode_chunk(data) if self.chunked_out else data)
             elif kind is ResponseHead:
+                if self.attempts is not None and self.attempts.response_head(event.status):  # type: ignore[attr-defined]
+                    return  # retried: this response never reaches the client
                 out.append(self._response_head(event))  # type: ignore[arg-type]
                 if self.status == 101:
                     downstream.write(b"".join(out))
@@ -623,6 +689,9 @@ class Exchange:
         for name, value in fields:
             if name not in HOP_BY_HOP:
                 out.append(b"%b: %b\r\n" % (name, value))
+        attempts = self.attempts
+        if attempts is not None and attempts.policy is not None:
+            out.append(b"%b: %d\r\n" % (ATTEMPTS_HEADER, attempts.count))
         if status == 101:
             out.append(b"connection: upgrade\r\n")
             if head.upgrade is not None:
@@ -721,6 +790,8 @@ class Exchange:
             self.attempt_retried = True
             self.connect()
             return
+        if self.attempts is not None and self.attempts.failed("reset"):
+            return
         self.upstream_failed("upstream_reset")
 
     def downstream_lost(self) -> None:
@@ -742,8 +813,16 @@ class Exchange:
             conn.abort()
 
     # -- local replies and the end ----------------------------------------------------------
-    def local_reply(self, status: int, reason: str, *, close: bool = False) -> None:
-        """Answer from the proxy itself, naming the reason in a header and the body."""
+    def local_reply(
+        self,
+        status: int,
+        reason: str,
+        *,
+        close: bool = False,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """Answer from the proxy itself, naming the reason in a header and the body;
+        `extra` fields are added (a 429's rate-limit fields)."""
         self.abort_upstream()
         self.status = status
         self.error = reason
@@ -756,7 +835,11 @@ class Exchange:
             (b"content-type", b"text/plain"),
             (b"content-length", str(len(body)).encode()),
             (ERROR_HEADER, reason.encode()),
+            *extra,
         ]
+        attempts = self.attempts
+        if attempts is not None and attempts.policy is not None:
+            headers.append((ATTEMPTS_HEADER, b"%d" % attempts.count))
         if not self.keep_alive:
             headers.append((b"connection", b"close"))
         self.response_started = True
@@ -785,11 +868,19 @@ class Exchange:
         if self.timer is not None:
             self.downstream.chain.deadlines.remove(self, self.timer)
             self.timer = None
+        attempts = self.attempts
+        if attempts is not None:
+            attempts.close()
+            # the two refer to each other: dropping one lets reference counting free both
+            self.attempts = None
         downstream = self.downstream
         conn = self.upstream
         if conn is not None and not conn.upgraded:
             self.upstream = None
             conn.exchange = None
+            # A full downstream buffer (or a paced response) may have paused its reading
+            # as the response ended: an idle connection must read, to be reusable.
+            conn.resume_reading()
             if (
                 self.response_done
                 and self.request_done
@@ -802,6 +893,11 @@ class Exchange:
                 pass
             else:
                 conn.close()
+        cluster = self.cluster
+        if cluster is not None:
+            # the circuit breaker's count, the balancer's, and the outcome for outlier
+            # detection and latency estimates
+            cluster.finished(self.chosen, self.endpoint, self.status, self.error, self.start)
         self._record()
         if conn is not None and conn.upgraded:
             return

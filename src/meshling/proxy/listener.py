@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from meshling.proxy.acceptor import TlsAcceptor
     from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.deadlines import Deadlines
+    from meshling.proxy.inbound import InboundPolicies
     from meshling.proxy.tls import ServerTls
     from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
     from meshling.telemetry.accesslog import AccessLogWriter
@@ -49,6 +50,7 @@ class ChainRuntime:
         "deadlines",
         "draining",
         "http",
+        "inbound",
         "listener",
         "listener_stats",
         "metrics",
@@ -83,6 +85,14 @@ class ChainRuntime:
         self.tls = tls
         self.authz = chain.authz
         self.authz_stats = metrics.authz_stats(listener.name) if chain.authz is not None else None
+        # RateLimit and FaultInjection, compiled; None (and not imported) without them
+        self.inbound: InboundPolicies | None = None
+        if chain.rate_limit is not None or chain.fault is not None:
+            from meshling.proxy.inbound import InboundPolicies
+
+            self.inbound = InboundPolicies(
+                listener.name, chain.rate_limit, chain.fault, deadlines, metrics
+            )
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False

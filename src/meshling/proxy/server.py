@@ -20,8 +20,10 @@ import os
 import signal
 import time
 
+from meshling.proxy.balancer import HostRegistry
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
 from meshling.proxy.deadlines import Deadlines
+from meshling.proxy.health import HealthCheckers
 from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime
 from meshling.snapshot import Snapshot, SnapshotError, load
 from meshling.snapshot.model import Listener
@@ -48,6 +50,10 @@ class Proxy:
         self.config_path = config_path
         self.metrics = metrics or Metrics()
         self.pools = PoolSet()
+        # every cluster's endpoints' standing (outlier detection, health, load), kept
+        # across snapshots, and the running snapshot's active health checks
+        self.hosts = HostRegistry()
+        self.health = HealthCheckers()
         self.deadlines = Deadlines()
         self.connections: set[Connection] = set()
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
@@ -114,8 +120,14 @@ class Proxy:
                     )
                 except TlsConfigError as exc:
                     raise SnapshotError(source, exc.field, exc.reason) from None
+            stats = self.metrics.cluster_stats(name)
             clusters[name] = ClusterRuntime(
-                cluster, self.pools, self.metrics.cluster_stats(name), client_tls
+                cluster,
+                self.pools,
+                stats,
+                client_tls,
+                self.hosts.group(name, stats),
+                snapshot.zone,
             )
         chains = {}
         for i, li in enumerate(snapshot.listeners):
@@ -198,6 +210,10 @@ class Proxy:
         self.access_log = access_log
         self.snapshot = snapshot
         self.metrics.snapshot_version = snapshot.version
+        # The new snapshot's health checks replace the old one's; endpoints it dropped
+        # are forgotten.
+        self.health.start(next(iter(chains.values()))[1].clusters.values() if chains else ())
+        self.hosts.retain(snapshot.clusters)
 
     # -- reload ---------------------------------------------------------------------
     def _stat_files(self, snapshot: Snapshot) -> dict[str, float]:
@@ -302,6 +318,7 @@ class Proxy:
             for conn in list(self.connections):
                 conn.tick(now)
             self.pools.sweep()
+            self.hosts.tick(now)  # ejections that ended come back without waiting for traffic
             await self._reload_if_changed()
 
     # -- shutdown -------------------------------------------------------------------
@@ -342,6 +359,7 @@ class Proxy:
             log.warning("drain timeout: aborted %d connections", left)
         # 6. close pooled upstream connections and the rest
         self.pools.close_all()
+        self.health.stop()
         self.deadlines.close()
         if self._ticker is not None:
             self._ticker.cancel()

@@ -17,6 +17,8 @@ from meshling.proxy.cluster import ConnectError
 from meshling.proxy.side import Side
 
 if TYPE_CHECKING:
+    from meshling.proxy.balancer import Host
+    from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
     from meshling.telemetry.metrics import TcpStats
 
@@ -42,6 +44,10 @@ class TcpDownstream(Side):
         self.closed = False
         self.eof_in = False  # downstream sent FIN
         self.eof_out = False  # upstream sent FIN (passed downstream)
+        # the cluster that admitted the connection (circuit breaker) and the balancer's
+        # host for it, both counting it until it ends
+        self.admitted: ClusterRuntime | None = None
+        self.chosen: Host | None = None
 
     # -- lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,6 +65,15 @@ class TcpDownstream(Side):
             self.closed = True
             self.transport.close()
             return
+        delay = 0.0
+        inbound = self.chain.inbound
+        if inbound is not None:
+            admitted = inbound.connection(self, identity)
+            if admitted is None:
+                # Over a RateLimit, or aborted by a fault: closed before anything is forwarded.
+                self.closed = True
+                return
+            delay = admitted
         tcp = self.chain.tcp
         assert tcp is not None
         self.stats = self.chain.metrics.tcp_stats(self.chain.listener, tcp.cluster)
@@ -67,24 +82,43 @@ class TcpDownstream(Side):
         self.chain.listener_stats.cx_total += 1
         self.chain.listener_stats.cx_active += 1
         self.connections.add(self)
+        if delay and inbound is not None:
+            inbound.delay(self, delay)  # a fault's delay: connect upstream when it is over
+            return
         self.connecting = asyncio.ensure_future(self._connect())
 
     async def _connect(self) -> None:
         tcp = self.chain.tcp
         assert tcp is not None
         cluster = self.chain.clusters[tcp.cluster]
-        endpoint = cluster.pick()
-        if endpoint is None:
+        # A connection is a request to the circuit breaker: over max_requests, it is closed.
+        if cluster.admit() is not None:
+            self.abort()
+            return
+        self.admitted = cluster
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        host = self.chosen = cluster.choose(None, peer[0].encode() if peer else b"")
+        if host is None:
             cluster.stats.no_endpoint += 1
             self.abort()
             return
+        endpoint = host.endpoint
+        started = time.monotonic()
         try:
-            protocol = await cluster.connect(endpoint, lambda: TcpUpstream(self))
-        except ConnectError:
+            protocol = await cluster.connect(
+                endpoint, lambda: TcpUpstream(self), tcp.connect_timeout
+            )
+        except ConnectError as exc:
+            if exc.status != 503:  # a refusal by the proxy's own limits says nothing of it
+                latency = time.monotonic() - started
+                cluster.report(endpoint, 502, "upstream_connect_failure", latency)
             self.abort()
             return
         finally:
             self.connecting = None
+        # For outlier detection and latency estimates, a TCP connection's outcome is its
+        # opening.
+        cluster.report(endpoint, 200, None, time.monotonic() - started)
         assert isinstance(protocol, TcpUpstream)
         if self.closed:
             protocol.close()
@@ -119,6 +153,8 @@ class TcpDownstream(Side):
         self.chain.listener_stats.cx_active -= 1
         if self.connecting is not None:
             self.connecting.cancel()
+        if self.admitted is not None:
+            self.admitted.finished(self.chosen, None, 0, None, 0.0)
 
     # -- downstream -> upstream ------------------------------------------------
     def data_received(self, data: bytes) -> None:

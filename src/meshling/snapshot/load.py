@@ -220,8 +220,12 @@ def _regex(node: _Node) -> re.Pattern[str]:
 
 
 def _endpoint(node: _Node) -> Endpoint:
-    node.mapping(("address", "port"))
-    return Endpoint(address=node.need("address", _address), port=node.need("port", _int(1, 65535)))
+    node.mapping(("address", "port", "zone"))
+    return Endpoint(
+        address=node.need("address", _address),
+        port=node.need("port", _int(1, 65535)),
+        zone=node.get("zone", _name, None),
+    )
 
 
 def _tls_files(node: _Node) -> TlsFiles:
@@ -280,9 +284,26 @@ def _cluster(node: _Node) -> Cluster:
             "max_idle_per_endpoint",
             "idle_timeout",
             "tls",
+            "circuit_breaker",
+            "health_check",
+            "load_balancing",
         )
     )
     endpoints = tuple(_endpoint(e) for e in node.items("endpoints", required=False))
+    # The policies' fragments: imported only when used, like the authz fragment.
+    circuit_breaker = health_check = load_balancing = None
+    if node.has("circuit_breaker"):
+        from meshling.policies.circuit_breaker.snapshot import CircuitBreakerConfig
+
+        circuit_breaker = CircuitBreakerConfig.from_dict(node.child("circuit_breaker"))
+    if node.has("health_check"):
+        from meshling.policies.health_check.snapshot import HealthCheckConfig
+
+        health_check = HealthCheckConfig.from_dict(node.child("health_check"))
+    if node.has("load_balancing"):
+        from meshling.policies.load_balancing.snapshot import LoadBalancingConfig
+
+        load_balancing = LoadBalancingConfig.from_dict(node.child("load_balancing"))
     return Cluster(
         name=node.need("name", _name),
         endpoints=endpoints,
@@ -291,6 +312,9 @@ def _cluster(node: _Node) -> Cluster:
         max_idle_per_endpoint=node.get("max_idle_per_endpoint", _int(0, 100000), 1024),
         idle_timeout=node.get("idle_timeout", _duration, 60.0),
         tls=node.get("tls", _upstream_tls, None),
+        circuit_breaker=circuit_breaker,
+        health_check=health_check,
+        load_balancing=load_balancing,
     )
 
 
@@ -349,17 +373,36 @@ def _route_match(node: _Node) -> RouteMatch:
 
 
 def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
-    node.mapping(("name", "match", "cluster", "timeout"))
+    node.mapping(("name", "match", "cluster", "timeout", "retry"))
     cluster = node.need("cluster", _name)
     if cluster not in clusters:
         known = ", ".join(sorted(clusters)) or "none"
         raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
+    # `timeout` is the total as a duration, or the Timeout policy's fragment as a mapping
+    timeouts = _timeouts(node.child("timeout"))
+    retry = None
+    if node.child("retry").value is not None:
+        # Imported only when used, like the authz fragment.
+        from meshling.policies.retry.snapshot import RetryPolicy
+
+        retry = RetryPolicy.from_dict(node.child("retry"))
     return Route(
         name=node.need("name", _name),
         match=node.get("match", _route_match, RouteMatch()),
         cluster=cluster,
-        timeout=node.get("timeout", _duration, 15.0),
+        timeout=timeouts.request if timeouts is not None else node.get("timeout", _duration, 15.0),
+        timeouts=timeouts,
+        retry=retry,
     )
+
+
+def _timeouts(node: _Node) -> Any:
+    """The Timeout fragment (`policies.timeout.snapshot.Timeouts`) of a mapping, else None."""
+    if not isinstance(node.value, dict):
+        return None
+    from meshling.policies.timeout.snapshot import Timeouts
+
+    return Timeouts.from_dict(node)
 
 
 def _domain(node: _Node) -> str:
@@ -432,26 +475,56 @@ def _http_filter(node: _Node, clusters: dict[str, Cluster]) -> HttpFilter:
 
 
 def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
-    node.mapping(("cluster", "idle_timeout"))
+    node.mapping(("cluster", "idle_timeout", "timeout"))
     cluster = node.need("cluster", _name)
     if cluster not in clusters:
         known = ", ".join(sorted(clusters)) or "none"
         raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
-    return TcpFilter(cluster=cluster, idle_timeout=node.get("idle_timeout", _duration, 3600.0))
+    idle = node.get("idle_timeout", _duration, 3600.0)
+    # The Timeout fragment: its `idle` and `connect` apply (a TCP chain has no requests).
+    timeouts = None
+    if node.child("timeout").value is not None:
+        timeouts = _timeouts(node.child("timeout"))
+        if timeouts is None:
+            raise node.child("timeout").error(
+                "expected a mapping such as {idle: 5m, connect: 1s} (the Timeout fragment)"
+            )
+        if node.has("idle_timeout") and timeouts.idle:
+            raise (
+                node.child("timeout")
+                .child("idle")
+                .error("the idle timeout is also given as idle_timeout: give one of them")
+            )
+        idle = timeouts.idle or idle
+    return TcpFilter(
+        cluster=cluster,
+        idle_timeout=idle,
+        connect_timeout=timeouts.connect if timeouts is not None else 0.0,
+    )
 
 
 def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
-    node.mapping(("name", "http", "tcp", "tls", "authz"))
+    node.mapping(("name", "http", "tcp", "tls", "authz", "rate_limit", "fault"))
     if node.has("http") == node.has("tcp"):
         raise node.error("give exactly one of http, tcp")
-    authz = None
+    authz = rate_limit = fault = None
     if node.has("authz"):
         # Imported only when used: it brings the SPIFFE parsing along.
         from meshling.policies.traffic_permission.snapshot import AuthzConfig
 
         authz = AuthzConfig.from_dict(node.child("authz"))
+    if node.has("rate_limit"):
+        from meshling.policies.rate_limit.snapshot import RateLimitConfig
+
+        rate_limit = RateLimitConfig.from_dict(node.child("rate_limit"))
+    if node.has("fault"):
+        from meshling.policies.fault_injection.snapshot import FaultConfig
+
+        fault = FaultConfig.from_dict(node.child("fault"))
     return FilterChain(
         authz=authz,
+        rate_limit=rate_limit,
+        fault=fault,
         name=node.get("name", _name, "default"),
         http=node.get("http", lambda n: _http_filter(n, clusters), None),
         tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),
@@ -510,7 +583,16 @@ def _unique(node: _Node, key: str, names: list[str]) -> None:
 def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
     """Validate a parsed document and build the snapshot it describes."""
     root = _Node(source, "", document).mapping(
-        ("version", "node", "listeners", "clusters", "admin", "access_log", "drain_timeout")
+        (
+            "version",
+            "node",
+            "zone",
+            "listeners",
+            "clusters",
+            "admin",
+            "access_log",
+            "drain_timeout",
+        )
     )
     version = root.need(
         "version", lambda n: str(n.value) if isinstance(n.value, str | int) else _str(n)
@@ -547,6 +629,7 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
         access_log=root.get("access_log", _access_log, None),
         drain_timeout=root.get("drain_timeout", _duration, 10.0),
         node=root.get("node", _name, "meshling"),
+        zone=root.get("zone", _name, None),
     )
 
 

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from meshling.policies.circuit_breaker.snapshot import CircuitBreakerConfig
+    from meshling.policies.fault_injection.snapshot import FaultConfig
+    from meshling.policies.health_check.snapshot import HealthCheckConfig
+    from meshling.policies.load_balancing.snapshot import LoadBalancingConfig
+    from meshling.policies.rate_limit.snapshot import RateLimitConfig
+    from meshling.policies.retry.snapshot import RetryPolicy
+    from meshling.policies.timeout.snapshot import Timeouts
     from meshling.policies.traffic_permission.snapshot import AuthzConfig
 
 PathMatchKind = Literal["exact", "prefix", "regex"]
@@ -28,6 +35,8 @@ class Endpoint:
 
     address: str
     port: int
+    # the locality the endpoint runs in, for zone-aware load balancing; None: unknown
+    zone: str | None = None
 
     def __str__(self) -> str:
         return (
@@ -86,6 +95,12 @@ class Cluster:
     max_idle_per_endpoint: int = 1024
     idle_timeout: float = 60.0
     tls: UpstreamTls | None = None
+    # limits and outlier detection (CircuitBreaker); None: neither
+    circuit_breaker: CircuitBreakerConfig | None = None
+    # active checks of the endpoints (HealthCheck); None: endpoints are not checked
+    health_check: HealthCheckConfig | None = None
+    # how an endpoint is picked (LoadBalancing); None: round robin
+    load_balancing: LoadBalancingConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,11 @@ class Route:
     cluster: str
     # total time for the upstream to answer (504 after it); 0 disables
     timeout: float = 15.0
+    # the Timeout policy's fragment (connect, per_try, idle, and `timeout` as its
+    # request); None when the route's `timeout` is a plain duration
+    timeouts: Timeouts | None = None
+    # the Retry policy's fragment; None: an attempt that fails is the answer
+    retry: RetryPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +188,8 @@ class TcpFilter:
     cluster: str
     # a connection with no bytes in either direction for this long is closed
     idle_timeout: float = 3600.0
+    # seconds to connect to an endpoint (`timeout.connect`); 0: the cluster's
+    connect_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +200,10 @@ class FilterChain:
     tls: DownstreamTls | None = None
     # who may connect (TrafficPermission); None: everyone
     authz: AuthzConfig | None = None
+    # how many requests / connections callers may make (RateLimit); None: no limit
+    rate_limit: RateLimitConfig | None = None
+    # delays, aborts and slow responses for callers (FaultInjection); None: none
+    fault: FaultConfig | None = None
 
     @property
     def protocol(self) -> Protocol:
@@ -218,3 +244,6 @@ class Snapshot:
     # seconds that in-flight requests get to finish on SIGTERM / drain
     drain_timeout: float = 10.0
     node: str = "meshling"
+    # the locality the proxy runs in: endpoints of this zone are preferred where a
+    # cluster's load balancing says so
+    zone: str | None = None

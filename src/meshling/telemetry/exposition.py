@@ -117,6 +117,72 @@ class _Collector(Collector):
         up_tx = CounterMetricFamily(
             "meshling_upstream_sent_bytes", "Bytes sent to upstream.", labels=["cluster"]
         )
+        rq_active = GaugeMetricFamily(
+            "meshling_upstream_requests_active",
+            "Requests in flight to the cluster (what max_requests limits).",
+            labels=["cluster"],
+        )
+        rq_pending = GaugeMetricFamily(
+            "meshling_upstream_requests_pending",
+            "Requests and connections waiting for an upstream connection to open.",
+            labels=["cluster"],
+        )
+        overflows = CounterMetricFamily(
+            "meshling_circuit_breaker_overflows",
+            "Requests or connections refused (503) by a circuit breaker limit.",
+            labels=["cluster", "limit"],
+        )
+        ejections = CounterMetricFamily(
+            "meshling_outlier_ejections",
+            "Endpoints ejected by outlier detection.",
+            labels=["cluster"],
+        )
+        ejected = GaugeMetricFamily(
+            "meshling_outlier_ejections_active",
+            "Endpoints ejected by outlier detection now.",
+            labels=["cluster"],
+        )
+        ejections_skipped = CounterMetricFamily(
+            "meshling_outlier_ejections_skipped",
+            "Ejections that max_ejection_percent prevented.",
+            labels=["cluster"],
+        )
+        checks = CounterMetricFamily(
+            "meshling_health_checks",
+            "Active health checks of the cluster's endpoints, by result.",
+            labels=["cluster", "result"],
+        )
+        healthy = GaugeMetricFamily(
+            "meshling_endpoints_healthy",
+            "Endpoints passing their active health checks.",
+            labels=["cluster"],
+        )
+        panic = GaugeMetricFamily(
+            "meshling_lb_panic",
+            "1 while too few endpoints are usable and the balancer uses them all.",
+            labels=["cluster"],
+        )
+        fallbacks = CounterMetricFamily(
+            "meshling_lb_hash_fallbacks",
+            "Ring-hash requests without their key, sent to a random endpoint.",
+            labels=["cluster"],
+        )
+        for name, cs in list(m.clusters.items()):
+            rq_active.add_metric([name], cs.rq_active)
+            rq_pending.add_metric([name], cs.rq_pending)
+            for limit, n in list(cs.overflows.items()):
+                overflows.add_metric([name, limit], n)
+            ejections.add_metric([name], cs.ejections_total)
+            ejected.add_metric([name], cs.ejections_active)
+            ejections_skipped.add_metric([name], cs.ejections_skipped)
+            for result, n in list(cs.health_checks.items()):
+                checks.add_metric([name, result], n)
+            if cs.health_checked:
+                healthy.add_metric([name], cs.endpoints_healthy)
+            panic.add_metric([name], cs.panic)
+            fallbacks.add_metric([name], cs.hash_fallbacks)
+        yield from (rq_active, rq_pending, overflows, ejections, ejected, ejections_skipped)
+        yield from (checks, healthy, panic, fallbacks)
         for name, cs in list(m.clusters.items()):
             up_total.add_metric([name], cs.cx_total)
             up_active.add_metric([name], cs.cx_active)
@@ -198,6 +264,65 @@ class _Collector(Collector):
                 for rule, n in list(counts.items()):
                     decisions.add_metric([listener, result, rule], n)
         yield decisions
+
+        limited = CounterMetricFamily(
+            "meshling_rate_limited",
+            "Requests (429) and TCP connections (closed) refused by a RateLimit, by rule "
+            "and the limit that refused them (local, global, tcp).",
+            labels=["listener", "rule", "limit"],
+        )
+        redis_errors = CounterMetricFamily(
+            "meshling_rate_limit_redis_errors",
+            "Lease requests of a global rate limit that Redis failed or did not answer.",
+            labels=["listener", "rule"],
+        )
+        degraded = GaugeMetricFamily(
+            "meshling_rate_limit_degraded",
+            "1 while a global rate limit is skipped (Redis unreachable): only the local "
+            "limit applies.",
+            labels=["listener", "rule"],
+        )
+        for listener, rl in list(m.rate_limit.items()):
+            for (rule, limit), n in list(rl.limited.items()):
+                limited.add_metric([listener, rule, limit], n)
+            for rule, n in list(rl.redis_errors.items()):
+                redis_errors.add_metric([listener, rule], n)
+            for rule, n in list(rl.degraded.items()):
+                degraded.add_metric([listener, rule], n)
+        yield from (limited, redis_errors, degraded)
+        faults = CounterMetricFamily(
+            "meshling_faults_injected",
+            "Faults injected by a FaultInjection, by rule and fault.",
+            labels=["listener", "rule", "fault"],
+        )
+        for listener, fs in list(m.fault.items()):
+            for (rule, fault), n in list(fs.injected.items()):
+                faults.add_metric([listener, rule, fault], n)
+        yield faults
+
+        retries = CounterMetricFamily(
+            "meshling_http_retries",
+            "Attempts after the first, on routes with a Retry policy.",
+            labels=["listener", "route", "cluster"],
+        )
+        retries_skipped = CounterMetricFamily(
+            "meshling_http_retries_skipped",
+            "Failed attempts the policy would retry but did not, by reason "
+            "(budget_exhausted, body_too_large).",
+            labels=["listener", "route", "cluster", "reason"],
+        )
+        per_try = CounterMetricFamily(
+            "meshling_http_per_try_timeouts",
+            "Attempts that reached their per-try timeout.",
+            labels=["listener", "route", "cluster"],
+        )
+        for (listener, route, cluster), rs in list(m.retry.items()):
+            labels = [listener, route, cluster]
+            retries.add_metric(labels, rs.retries)
+            retries_skipped.add_metric([*labels, "budget_exhausted"], rs.budget_exhausted)
+            retries_skipped.add_metric([*labels, "body_too_large"], rs.body_too_large)
+            per_try.add_metric(labels, rs.per_try_timeouts)
+        yield from (retries, retries_skipped, per_try)
 
         reloads = CounterMetricFamily(
             "meshling_config_reloads", "Snapshot reloads, by result.", labels=["result"]

@@ -76,7 +76,18 @@ class ClusterStats:
         "connect_failures",
         "cx_active",
         "cx_total",
+        "ejections_active",
+        "ejections_skipped",
+        "ejections_total",
+        "endpoints_healthy",
+        "hash_fallbacks",
+        "health_checked",
+        "health_checks",
         "no_endpoint",
+        "overflows",
+        "panic",
+        "rq_active",
+        "rq_pending",
         "timeouts",
     )
 
@@ -89,6 +100,26 @@ class ClusterStats:
         self.timeouts = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        # requests in flight, and those waiting for a connection to open (the circuit
+        # breaker's counts, shared by every snapshot's runtime of the cluster)
+        self.rq_active = 0
+        self.rq_pending = 0
+        # refused by a circuit breaker limit: "max_connections", "max_pending_requests",
+        # "max_requests"
+        self.overflows: dict[str, int] = {}
+        # outlier detection: ejections so far, endpoints out now, and ejections that
+        # max_ejection_percent prevented
+        self.ejections_total = 0
+        self.ejections_active = 0
+        self.ejections_skipped = 0
+        # active health checks by result ("passed", "failed"), and endpoints healthy now
+        self.health_checks: dict[str, int] = {}
+        self.health_checked = False
+        self.endpoints_healthy = 0
+        # 1 while too few endpoints are usable and the balancer uses them all
+        self.panic = 0
+        # ring-hash requests without their key, sent to a random endpoint instead
+        self.hash_fallbacks = 0
 
 
 class TcpStats:
@@ -133,6 +164,46 @@ class AuthzStats:
         self.shadow_denied: dict[str, int] = {}
 
 
+class RetryStats:
+    """Retries of one (listener, route, cluster) with a Retry policy."""
+
+    __slots__ = ("body_too_large", "budget_exhausted", "per_try_timeouts", "retries")
+
+    def __init__(self) -> None:
+        # attempts after the first
+        self.retries = 0
+        # retries the policy allowed and the budget refused (the failure was the answer)
+        self.budget_exhausted = 0
+        # failures not retried because the request body was over the policy's max_body
+        self.body_too_large = 0
+        # attempts that reached their per-try timeout
+        self.per_try_timeouts = 0
+
+
+class RateLimitStats:
+    """RateLimit refusals of one listener, by rule, and the state of its global limits."""
+
+    __slots__ = ("degraded", "limited", "redis_errors")
+
+    def __init__(self) -> None:
+        # refused, by (rule, limit): limit "local", "global" (HTTP 429) or "tcp" (closed)
+        self.limited: dict[tuple[str, str], int] = {}
+        # lease requests to Redis that failed, by rule
+        self.redis_errors: dict[str, int] = {}
+        # 1 while a rule's global limit is skipped because Redis is unreachable
+        self.degraded: dict[str, int] = {}
+
+
+class FaultStats:
+    """FaultInjection faults injected on one listener, by rule and fault."""
+
+    __slots__ = ("injected",)
+
+    def __init__(self) -> None:
+        # by (rule, fault): fault "abort", "reset", "delay" or "bandwidth"
+        self.injected: dict[tuple[str, str], int] = {}
+
+
 class ControlPlaneStats:
     """A proxy's link to its control plane: the stream, snapshots and certificates."""
 
@@ -159,6 +230,9 @@ class Metrics:
         self.tcp: dict[tuple[str, str], TcpStats] = {}
         self.tls: dict[tuple[str, str], TlsStats] = {}
         self.authz: dict[str, AuthzStats] = {}
+        self.rate_limit: dict[str, RateLimitStats] = {}
+        self.fault: dict[str, FaultStats] = {}
+        self.retry: dict[tuple[str, str, str], RetryStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
         self.access_log_dropped = 0
@@ -205,6 +279,25 @@ class Metrics:
         stats = self.authz.get(listener)
         if stats is None:
             stats = self.authz[listener] = AuthzStats()
+        return stats
+
+    def retry_stats(self, listener: str, route: str, cluster: str) -> RetryStats:
+        key = (listener, route, cluster)
+        stats = self.retry.get(key)
+        if stats is None:
+            stats = self.retry[key] = RetryStats()
+        return stats
+
+    def rate_limit_stats(self, listener: str) -> RateLimitStats:
+        stats = self.rate_limit.get(listener)
+        if stats is None:
+            stats = self.rate_limit[listener] = RateLimitStats()
+        return stats
+
+    def fault_stats(self, listener: str) -> FaultStats:
+        stats = self.fault.get(listener)
+        if stats is None:
+            stats = self.fault[listener] = FaultStats()
         return stats
 
     def render(self) -> bytes:

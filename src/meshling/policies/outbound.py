@@ -1,0 +1,59 @@
+"""The resource shape every outbound traffic policy shares, and its one parser.
+
+```yaml
+kind: CircuitBreaker            # or HealthCheck, LoadBalancing, ...
+metadata: {name: web-to-api, mesh: default}
+spec:
+  sources: [{service: web}]     # the callers, whose proxies the policy acts in; "*": any
+  destinations: [{service: api}]  # the called services, without tags
+  conf: {...}                   # the policy's own settings, read by the policy
+```
+
+A destination selector names a service only: an outbound cluster holds every instance of
+the service, so tags could not narrow it. Errors are the snapshot loader's
+`SnapshotError`, naming the field path (`spec.destinations[0].tags`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshling.policies.matching import Selector
+    from meshling.snapshot.load import _Node
+
+
+def parse_outbound(
+    document: Any, source: str, kind: str
+) -> tuple[_Node, str, str, tuple[Selector, ...], tuple[Selector, ...]]:
+    """The parts of an outbound policy resource: the `spec.conf` node, name, mesh,
+    sources and destinations."""
+    from meshling.controlplane.resources import metadata
+    from meshling.policies.matching import parse_selectors
+    from meshling.snapshot.load import _Node
+
+    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
+    given = root.need("kind", metadata.text)
+    if given != kind:
+        raise root.child("kind").error(f"expected kind {kind}, got {given!r}")
+    meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
+    name = meta.need("name", metadata.name)
+    mesh = meta.need("mesh", metadata.mesh)
+    spec = root.need("spec", lambda n: n.mapping(("sources", "destinations", "conf")))
+    sources = parse_selectors(spec.child("sources"), mesh)
+    destinations_node = spec.child("destinations")
+    destinations = parse_selectors(destinations_node, mesh)
+    for i, selector in enumerate(destinations):
+        if selector.tags:
+            raise (
+                destinations_node.child(i)
+                .child("tags")
+                .error(
+                    f"{kind} acts on the cluster of a whole service, which holds every "
+                    "instance: a destination selects a service only, drop the tags"
+                )
+            )
+    conf = spec.child("conf")
+    if conf.value is None:
+        raise conf.error("required field is missing")
+    return conf, name, mesh, sources, destinations
