@@ -31,6 +31,7 @@ import yaml
 
 from meshling.configstream import Hello, encode
 from meshling.controlplane.cli import run as cli
+from meshling.controlplane.resources import kinds
 from meshling.identity import SpiffeId, make_key_and_csr
 
 from . import conftest
@@ -42,7 +43,7 @@ from .test_lifecycle import Load
 
 pytestmark = pytest.mark.integration
 
-KINDS = ("Mesh", "Dataplane", "TrafficPermission")
+KINDS = kinds()
 # a burst of changes reaches the proxies within ~0.1 s (docs/config-stream.md): a bad
 # input that did get through would have moved them by then
 SETTLE = 0.6
@@ -300,7 +301,7 @@ spec: {}
     assert done.returncode == 1
     assert (
         f"{path} (document 2): kind: unknown kind 'TrafficPermision' "
-        "(known: Mesh, Dataplane, TrafficPermission)" in done.stderr
+        f"(known: {', '.join(kinds())})" in done.stderr
     ), done.stderr
     assert "1 of 2 documents are invalid; nothing applied" in done.stderr
     assert r.status_code == 400 and r.json()["field"] == "kind", r.text

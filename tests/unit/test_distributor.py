@@ -15,7 +15,14 @@ import pytest
 from meshling.configstream import Push, decode_server
 from meshling.controlplane.builder import build, canonical_json
 from meshling.controlplane.distributor import Distributor, DistributorCore, Proxy
-from meshling.controlplane.resources import Dataplane, Inbound, Mesh, MeshTls, Outbound
+from meshling.controlplane.resources import (
+    Dataplane,
+    Inbound,
+    Mesh,
+    MeshTls,
+    Outbound,
+    parse_resource,
+)
 from meshling.controlplane.status import STATUS_KIND, StatusWriter
 from meshling.controlplane.store import (
     RESYNC,
@@ -194,6 +201,78 @@ def test_distributor_core_shares_one_index_per_mesh_until_it_changes() -> None:
     assert core._index("default") is index  # an equal state keeps it
     core.apply("Dataplane", "default", "api-1", 2, dataplane("api-1", "api", n=8))
     assert core._index("default") is not index
+
+
+def traffic_policy(kind: str, name: str, source: str, destination: str, conf: Any) -> Any:
+    return parse_resource(
+        {
+            "kind": kind,
+            "metadata": {"name": name, "mesh": "default"},
+            "spec": {
+                "sources": [{"service": source}],
+                "destinations": [{"service": destination}],
+                "conf": conf,
+            },
+        },
+        "test",
+    )
+
+
+def test_distributor_core_outbound_policy_touches_its_callers_and_reverts() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(MTLS, api, web)
+    core.build(list(core.proxies))
+    original = core.proxies[("default", "web-1")].version
+    retry = traffic_policy("Retry", "web-to-api", "web", "api", {"max_attempts": 3})
+    touched = core.apply("Retry", "default", "web-to-api", 1, retry)
+    assert touched == {("default", "web-1")}  # the caller's proxy, not api's
+    [outcome] = core.build(touched)
+    snapshot = json.loads(outcome.frame or "")["snapshot"]
+    routes = snapshot["listeners"][1]["filter_chains"][0]["http"]["route_config"]
+    assert routes["virtual_hosts"][0]["routes"][0]["retry"]["max_attempts"] == 3
+    # deleted: the same proxy, back to the snapshot it had
+    assert core.apply("Retry", "default", "web-to-api", 2, None) == touched
+    [outcome] = core.build(touched)
+    assert outcome.version == original
+
+
+def test_distributor_core_inbound_policy_touches_its_destinations() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(PLAIN, api, web)
+    core.build(list(core.proxies))
+    limit = traffic_policy(
+        "RateLimit", "api-limit", "*", "api", {"local": {"requests": 5, "interval": "1s"}}
+    )
+    touched = core.apply("RateLimit", "default", "api-limit", 1, limit)
+    assert touched == {("default", "api-1")}
+    [outcome] = core.build(touched)
+    chain = json.loads(outcome.frame or "")["snapshot"]["listeners"][0]["filter_chains"][0]
+    assert [r["name"] for r in chain["rate_limit"]["rules"]] == ["api-limit"]
+    # a policy of the same name and another kind is another resource
+    fault = traffic_policy(
+        "FaultInjection", "api-limit", "web", "web", {"delay": {"percentage": 100, "value": "1s"}}
+    )
+    assert core.apply("FaultInjection", "default", "api-limit", 1, fault) == {("default", "web-1")}
+    assert core.apply("RateLimit", "default", "api-limit", 2, None) == {("default", "api-1")}
+
+
+def test_distributor_core_caller_tags_change_its_governing_policy() -> None:
+    api, web = dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)
+    core = core_with(PLAIN, api, web)
+    canary = traffic_policy("Retry", "canary", "web", "api", {"max_attempts": 2})
+    canary = dataclasses.replace(
+        canary, sources=(dataclasses.replace(canary.sources[0], tags={"version": "v2"}),)
+    )
+    core.apply("Retry", "default", "canary", 1, canary)
+    assert core.apply("Retry", "default", "canary", 1, canary) == set()
+    core.build(list(core.proxies))
+    tagged = dataclasses.replace(web, tags={"version": "v2"})
+    touched = core.apply("Dataplane", "default", "web-1", 2, tagged)
+    assert ("default", "web-1") in touched
+    [outcome] = [o for o in core.build(touched) if o.key == ("default", "web-1")]
+    snapshot = json.loads(outcome.frame or "")["snapshot"]
+    route = snapshot["listeners"][1]["filter_chains"][0]["http"]["route_config"]
+    assert route["virtual_hosts"][0]["routes"][0]["retry"]["max_attempts"] == 2
 
 
 # the service, on fakes
@@ -407,6 +486,61 @@ def test_distributor_pushes_a_change_to_the_affected_proxies_only() -> None:
         await settle()
         after = {name: len(s.offered) for name, s in streams.items()}
         assert after == {**before, "web-1": before["web-1"] + 1}
+        await distributor.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_distributor_loads_traffic_policies_from_the_store() -> None:
+    async def body() -> None:
+        store = FakeStore()
+        await store.create("Mesh", "default", "default", {})
+        # stored before the distributor starts: read by its first list
+        await store.create(
+            "Timeout",
+            "default",
+            "web-to-api",
+            {
+                "sources": [{"service": "web"}],
+                "destinations": [{"service": "api"}],
+                "conf": {"request": "2s"},
+            },
+        )
+        distributor = await started(store)
+        streams = {}
+        for d in (dataplane("api-1", "api", n=1), dataplane("web-1", "web", outbound="api", n=2)):
+            resource = await store.create("Dataplane", "default", d.name, document(d))
+            streams[d.name] = FakeStream()
+            distributor.register(
+                d,
+                resource.version,
+                None,
+                service=d.service,
+                jti="j",
+                stream=streams[d.name],
+                applied=None,
+            )
+        await settle()
+        web = distributor.core.proxies[("default", "web-1")].snapshot or {}
+        route = web["listeners"][1]["filter_chains"][0]["http"]["route_config"]
+        assert route["virtual_hosts"][0]["routes"][0]["timeout"]["request"] == "2s"
+        before = {name: len(s.offered) for name, s in streams.items()}
+        # a RateLimit through the watch: api's proxy only
+        await store.create(
+            "RateLimit",
+            "default",
+            "api-limit",
+            {
+                "sources": [{"service": "*"}],
+                "destinations": [{"service": "api"}],
+                "conf": {"local": {"requests": 5, "interval": "1s"}},
+            },
+        )
+        await settle()
+        after = {name: len(s.offered) for name, s in streams.items()}
+        assert after == {**before, "api-1": before["api-1"] + 1}
+        api = distributor.core.proxies[("default", "api-1")].snapshot or {}
+        assert "rate_limit" in api["listeners"][0]["filter_chains"][0]
         await distributor.close()
 
     asyncio.run(asyncio.wait_for(body(), 10))

@@ -7,13 +7,14 @@ the same version.
 * `index` — `MeshIndex`, what every snapshot of a mesh reads, made once for all of them;
 * `canonical` — the one JSON text of a snapshot, which its version hashes;
 * `affected` — which dataplanes a change touches, so only their snapshots are rebuilt;
-* `testdata/` — a golden mesh (`resources.yaml`) and the snapshot of each of its
-  dataplanes (`<dataplane>.snapshot.yaml`).
+* `testdata/` — golden meshes and the snapshot of each of their dataplanes: one with
+  permissions (`resources.yaml`, `<dataplane>.snapshot.yaml`), one with every traffic
+  policy kind (`policies.resources.yaml`, `<dataplane>.policies.snapshot.yaml`).
 """
 
 from meshling.controlplane.builder.affected import affected
 from meshling.controlplane.builder.canonical import canonical_json
-from meshling.controlplane.builder.index import MeshIndex, PolicyResource
+from meshling.controlplane.builder.index import MeshIndex, PolicyResource, policy_of
 from meshling.controlplane.builder.snapshot import (
     BuildError,
     SnapshotText,
@@ -31,5 +32,6 @@ __all__ = [
     "build",
     "build_text",
     "canonical_json",
+    "policy_of",
     "version_of",
 ]

@@ -4,13 +4,22 @@ recomputes those and no others.
 What a snapshot reads, and so what touches it:
 
 * **Mesh**: mTLS on every listener and cluster — every dataplane of the mesh;
-* **Dataplane**: its own listeners, and the endpoints of every cluster of its service —
-  itself and every dataplane of the mesh with an outbound to its service; and, since its
-  service and tags are what tag sources are resolved from, the inbound `authz` of the
-  destinations of every permission of its mesh with a tag source that can select its
-  service (one naming that service, or none);
+* **Dataplane**: its own listeners, and the endpoints of every cluster of its service
+  (with their zones, where a cluster asks for them) — itself and every dataplane of the
+  mesh with an outbound to its service; and, since its service and tags are what tag
+  sources are resolved from, the inbound `authz` of the destinations of every permission
+  of its mesh with a tag source that can select its service (one naming that service,
+  or none). Which traffic policies govern its outbounds and its inbound chains depends
+  on its own service and tags only (a destination is a service, a caller of an inbound
+  policy is known by its service), so those are in its own snapshot, already touched;
 * **TrafficPermission**: the `authz` of the inbounds of its destination service —
-  the dataplanes of that service, or of every service for `*`.
+  the dataplanes of that service, or of every service for `*`;
+* a **traffic policy** (every other registered kind): the dataplanes it acts in, as
+  the kind's own `selects` names them — the callers of an outbound policy (a source
+  selector's dataplanes with an outbound to a destination), the destinations of an
+  inbound one. A resource that does not govern a dataplane it selects (a more specific
+  one does) may start to, when that one goes: so selection, not governance, is what
+  counts.
 
 A change can move a resource (a dataplane to another service or address, a permission
 to another destination) or delete it, and then its old place is touched as well as its
@@ -23,8 +32,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from meshling.controlplane.builder.index import PolicyResource
+from meshling.controlplane.builder.index import PolicyResource, policy_of
 from meshling.controlplane.resources import DATAPLANE_KIND, MESH_KIND, Dataplane
+from meshling.policies import policy_type
 from meshling.policies.traffic_permission import KIND as TRAFFIC_PERMISSION_KIND
 from meshling.policies.traffic_permission import TrafficPermission
 from meshling.policies.traffic_permission.schema import ANY_SERVICE
@@ -86,6 +96,18 @@ def affected(
             for p in permissions
             for d in dataplanes
             if d.mesh == p.mesh and p.destination.service in (d.service, ANY_SERVICE)
+        }
+    kind = policy_type(change_kind)
+    if kind is not None and kind.fragment is not None:
+        resources = [p for p in policies if p.name == change_name and policy_of(p) is kind]
+        if not resources:
+            return {d.name for d in dataplanes}
+        return {
+            name
+            for resource in resources
+            for name in kind.selects(
+                resource, [d for d in dataplanes if d.mesh == resource.mesh]
+            ).dataplanes
         }
     raise ValueError(f"the snapshot builder reads no resources of kind {change_kind!r}")
 

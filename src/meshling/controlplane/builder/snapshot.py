@@ -19,6 +19,24 @@ What a dataplane becomes:
 * the **admin** listener on `127.0.0.1` at the dataplane's admin port (no token: the
   drain endpoint stays refused, SIGTERM drains).
 
+The traffic policies (every registered kind but TrafficPermission) are placed by where
+their kind attaches (`policies.PolicyType.attach`), each fragment under the kind's key,
+only where a resource governs:
+
+* **route** and **cluster** kinds (Timeout, Retry; CircuitBreaker, HealthCheck,
+  LoadBalancing) act in the caller: for each outbound, the most specific resource of the
+  kind selecting (this dataplane's service and tags, the destination service) governs,
+  and its fragment goes into the outbound's route (a TCP outbound has no route: the
+  kinds of `index.TCP_ROUTE_KEYS` go into its `tcp` filter, the others are not placed)
+  or into the destination's cluster;
+* **chain** kinds (RateLimit, FaultInjection) act in the called: every inbound chain of
+  the dataplane gets the rules of the resources selecting it (its service and tags),
+  mTLS on or off (a `"*"` rule holds plaintext callers too).
+
+A cluster whose load balancing prefers the local zone lists each endpoint's `zone` (its
+dataplane's `zone` tag), and the snapshot then names the proxy's own (`zone:` at the
+top, from this dataplane's tag); without such a cluster neither appears.
+
 With mTLS off there is no `tls` and no `authz` anywhere: a plaintext caller has no
 identity, so a permission could only deny it.
 
@@ -32,12 +50,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from meshling.controlplane.builder.canonical import canonical_json, object_json
-from meshling.controlplane.builder.index import MeshIndex, PolicyResource
+from meshling.controlplane.builder.index import (
+    TCP_ROUTE_KEYS,
+    ZONE_TAG,
+    MeshIndex,
+    OutboundPolicies,
+    PolicyResource,
+)
 from meshling.controlplane.resources import Dataplane, Inbound, Mesh, Outbound
 from meshling.identity.spiffe import SpiffeId
 from meshling.snapshot.model import TlsFiles
@@ -49,6 +73,8 @@ LOOPBACK = "127.0.0.1"
 _VERSION_HEX_DIGITS = 16
 # where `_body` leaves the endpoints of a service's cluster, for the index to fill in
 _FROM_INDEX: Any = object()
+# ... and where the cluster's endpoints are to carry their zones
+_FROM_INDEX_WITH_ZONES: Any = object()
 
 
 class BuildError(ValueError):
@@ -89,9 +115,12 @@ def build(
         index = MeshIndex(mesh, dataplanes, policies)
     body = _body(dataplane, mesh, index, tls_paths)
     for cluster in body["clusters"]:
-        if cluster["endpoints"] is _FROM_INDEX:
-            endpoints = index.endpoints(cluster["name"], excluding=dataplane.name)
-            cluster["endpoints"] = [{"address": a, "port": p} for a, p in endpoints]
+        endpoints = cluster["endpoints"]
+        if endpoints is _FROM_INDEX or endpoints is _FROM_INDEX_WITH_ZONES:
+            zones = endpoints is _FROM_INDEX_WITH_ZONES
+            cluster["endpoints"] = index.endpoints(
+                cluster["name"], excluding=dataplane.name, zones=zones
+            )
     return {"version": version_of(body), **body}
 
 
@@ -105,18 +134,23 @@ def build_text(dataplane: Dataplane, index: MeshIndex, tls_paths: TlsFiles | Non
     members["clusters"] = "[" + ",".join(clusters) + "]"
     text = object_json(members)
     version = _hash(text)
-    # "version" sorts after every key of the body, so the whole document's canonical
-    # JSON is the body's with the version appended
-    return SnapshotText(version, f'{text[:-1]},"version":{json.dumps(version)}}}')
+    if all(key < "version" for key in members):
+        # "version" sorts after every key of the body (all but `zone`, which few
+        # snapshots have): the whole document's canonical JSON is the body's with the
+        # version appended
+        return SnapshotText(version, f'{text[:-1]},"version":{json.dumps(version)}}}')
+    return SnapshotText(version, object_json({**members, "version": json.dumps(version)}))
 
 
 def _cluster_json(cluster: dict[str, Any], index: MeshIndex, excluding: str) -> str:
-    if cluster["endpoints"] is not _FROM_INDEX:
+    endpoints = cluster["endpoints"]
+    if endpoints is not _FROM_INDEX and endpoints is not _FROM_INDEX_WITH_ZONES:
         return canonical_json(cluster)
+    zones = endpoints is _FROM_INDEX_WITH_ZONES
     return object_json(
         {
-            key: index.endpoints_json(cluster["name"], excluding)
-            if value is _FROM_INDEX
+            key: index.endpoints_json(cluster["name"], excluding, zones=zones)
+            if key == "endpoints"
             else canonical_json(value)
             for key, value in cluster.items()
         }
@@ -149,6 +183,7 @@ def _body(
             f"mesh {mesh.name!r} has mTLS on: dataplane {dataplane.name!r} needs tls_paths"
         )
     authz = index.authz(dataplane) if tls is not None else None
+    inbound_policies = index.inbound(dataplane)
 
     listeners: list[dict[str, Any]] = []
     clusters: dict[str, dict[str, Any]] = {}
@@ -156,24 +191,31 @@ def _body(
         cluster = _local_cluster(inbound)
         clusters[cluster["name"]] = cluster
         chain = _chain(inbound.protocol, f"inbound:{inbound.port}", "local", cluster["name"])
+        # fresh dicts per chain: a shared one would come out as a YAML alias
+        if inbound_policies:
+            chain = {**_fresh(inbound_policies), **chain}
         if tls is not None and authz is not None:
-            # fresh dicts per chain: a shared one would come out as a YAML alias
             security = {"tls": {"mode": mesh.mtls.mode, **_files(tls)}, "authz": authz.to_dict()}
             chain = {**security, **chain}
         listeners.append(_listener(f"inbound:{inbound.port}", INBOUND_ADDRESS, inbound, chain))
+    zoned = False
     for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
-        cluster = _service_cluster(outbound, mesh, tls)
+        policies = index.outbound(dataplane, outbound.service)
+        cluster = _service_cluster(outbound, mesh, tls, policies)
+        zoned = zoned or policies.zones
         clusters[cluster["name"]] = cluster
         name = f"outbound:{outbound.service}"
-        chain = _chain(outbound.protocol, name, outbound.service, outbound.service)
+        chain = _chain(outbound.protocol, name, outbound.service, outbound.service, policies)
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
 
-    return {
-        "node": dataplane.name,
-        "admin": {"address": LOOPBACK, "port": dataplane.admin_port},
-        "listeners": listeners,  # inbounds, then outbounds, each by port
-        "clusters": [clusters[name] for name in sorted(clusters)],
-    }
+    body: dict[str, Any] = {"node": dataplane.name}
+    zone = dataplane.tags.get(ZONE_TAG)
+    if zoned and zone:
+        body["zone"] = zone
+    body["admin"] = {"address": LOOPBACK, "port": dataplane.admin_port}
+    body["listeners"] = listeners  # inbounds, then outbounds, each by port
+    body["clusters"] = [clusters[name] for name in sorted(clusters)]
+    return body
 
 
 def _files(tls: TlsFiles) -> dict[str, str]:
@@ -186,15 +228,24 @@ def _listener(
     return {"name": name, "address": address, "port": port_of.port, "filter_chains": [chain]}
 
 
-def _chain(protocol: str, route_config: str, route: str, cluster: str) -> dict[str, Any]:
+def _chain(
+    protocol: str,
+    route_config: str,
+    route: str,
+    cluster: str,
+    policies: OutboundPolicies | None = None,
+) -> dict[str, Any]:
+    on_route = policies.route if policies is not None else {}
     if protocol == "tcp":
-        return {"tcp": {"cluster": cluster}}
+        tcp = {"cluster": cluster}
+        tcp.update(_fresh({k: v for k, v in on_route.items() if k in TCP_ROUTE_KEYS}))
+        return {"tcp": tcp}
     # one virtual host for any Host and one route for any path: the app addresses its
     # destination by port, and per-path routing arrives with the HTTPRoute policy
     virtual_host = {
         "name": route,
         "domains": ["*"],
-        "routes": [{"name": route, "cluster": cluster}],
+        "routes": [{"name": route, "cluster": cluster, **_fresh(on_route)}],
     }
     return {"http": {"route_config": {"name": route_config, "virtual_hosts": [virtual_host]}}}
 
@@ -206,9 +257,24 @@ def _local_cluster(inbound: Inbound) -> dict[str, Any]:
     }
 
 
-def _service_cluster(outbound: Outbound, mesh: Mesh, tls: TlsFiles | None) -> dict[str, Any]:
-    cluster: dict[str, Any] = {"name": outbound.service, "endpoints": _FROM_INDEX}
+def _service_cluster(
+    outbound: Outbound, mesh: Mesh, tls: TlsFiles | None, policies: OutboundPolicies
+) -> dict[str, Any]:
+    endpoints = _FROM_INDEX_WITH_ZONES if policies.zones else _FROM_INDEX
+    cluster: dict[str, Any] = {"name": outbound.service, "endpoints": endpoints}
     if tls is not None:
         identity = SpiffeId.for_service(mesh.name, outbound.service)
         cluster["tls"] = {**_files(tls), "identity": str(identity)}
+    cluster.update(_fresh(policies.cluster))
     return cluster
+
+
+def _fresh(document: Any) -> Any:
+    """A copy of a fragment the index shares between snapshots: a document's objects are
+    its own (a shared one would come out as a YAML alias, and could be changed by
+    whoever holds the document)."""
+    if isinstance(document, Mapping):
+        return {key: _fresh(value) for key, value in document.items()}
+    if isinstance(document, list | tuple):
+        return [_fresh(value) for value in document]
+    return document

@@ -7,6 +7,10 @@ Everything is a plain method call returning values: `reset` (a full re-list), `a
 refusals (a snapshot that cannot be built). The I/O layer (`service`) reads the store,
 feeds this, and writes to sockets.
 
+The view holds every kind the control plane accepts (`resources.kinds()`: Mesh,
+Dataplane and each registered policy kind, the traffic policies included), the policies
+by (kind, name): two policies of one name and different kinds are two resources.
+
 A resource's state is kept with its store version, so a late re-read never replaces a
 newer state: `apply` of a version older than the one held changes nothing, and neither
 does one equal, for the builder, to the state held (a proxy re-registering the dataplane
