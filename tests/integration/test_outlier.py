@@ -106,3 +106,43 @@ def test_outlier_counts_connect_failures_as_gateway_failures(start_proxy, upstre
     assert statuses == {200: 2, 502: 2}
     # ejected: every request now reaches the live endpoint
     assert all(get(proxy.port)[0] == 200 for _ in range(10))
+
+
+def test_retried_failures_still_eject_the_endpoint(start_proxy, upstreams) -> None:
+    """A retry hides a failing endpoint from the client, not from outlier detection:
+    every failed attempt counts, so the endpoint is ejected while callers see only 200s."""
+    _, bad, _ = upstreams
+    document = http_snapshot(
+        free_port(),
+        free_port(),
+        [],
+        routes=[
+            {
+                "name": "all",
+                "cluster": "up",
+                "retry": {"max_attempts": 3, "backoff": {"base": "1ms", "max": "2ms"}},
+            }
+        ],
+        clusters=[
+            {
+                "name": "up",
+                "endpoints": [{"address": "127.0.0.1", "port": u.port} for u in upstreams],
+                "circuit_breaker": {
+                    "outlier_detection": {
+                        "consecutive_5xx": 3,
+                        "base_ejection_time": "30s",
+                        "max_ejection_percent": 34,
+                    }
+                },
+            }
+        ],
+    )
+    proxy = start_proxy(document)
+    bad.status = 503
+    statuses = Counter(get(proxy.port)[0] for _ in range(30))
+    assert statuses == {200: 30}
+    # the third failed attempt ejected it: it saw three requests and no more
+    assert bad.hits == 3
+    metrics = proxy.metrics()
+    assert metric(metrics, "meshling_outlier_ejections_total", cluster="up") == 1
+    assert metric(metrics, "meshling_outlier_ejections_active", cluster="up") == 1

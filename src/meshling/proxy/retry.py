@@ -68,6 +68,7 @@ class Attempts:
     """The attempts of one exchange and the timer between or during them."""
 
     __slots__ = (
+        "attempt_start",
         "count",
         "exchange",
         "failed_endpoint",
@@ -96,8 +97,9 @@ class Attempts:
         if self.idle:
             self.idle_mark = (0, 0, 0)
             self.idle_since = exchange.start
-        # attempts started
+        # attempts started, and when the current one did
         self.count = 1
+        self.attempt_start = exchange.start
         self.phase = _TRYING
         self.slot: int | None = None
         self.kept_size = 0
@@ -230,6 +232,17 @@ class Attempts:
         # The failed attempt's connection ends here: its upstream sees it close.
         ex.abort_upstream()
         self.failed_endpoint = ex.endpoint
+        # Outlier detection and latency estimates hear every failed attempt, not only the
+        # request's last: a retry must not hide a failing endpoint from ejection.
+        cluster = ex.cluster
+        if cluster is not None and ex.endpoint is not None:
+            if failure is not None:
+                outcome, error = 502, _FAILURE_ERRORS[failure]
+            elif status == TIMED_OUT:
+                outcome, error = 504, "upstream_per_try_timeout"
+            else:
+                outcome, error = status, None
+            cluster.report(ex.endpoint, outcome, error, time.monotonic() - self.attempt_start)
         # retry number `count` (attempts so far) waits this long
         delay = backoff(self.count, policy.backoff.base, policy.backoff.max, random.random)
         self.phase = _BACKING_OFF
@@ -246,6 +259,7 @@ class Attempts:
             ex.local_reply(503, "no_endpoint")
             return
         self.count += 1
+        self.attempt_start = time.monotonic()
         ex.endpoint = endpoint
         ex.pending = list(self.kept)
         ex.pending_size = self.kept_size
@@ -258,6 +272,13 @@ class Attempts:
         if self.slot is not None:
             self.exchange.downstream.chain.deadlines.remove(self, self.slot)
             self.slot = None
+
+
+# a failed attempt's outcome as the proxy's own error, the way the exchange names it
+_FAILURE_ERRORS: dict[str, str] = {
+    "connect-failure": "upstream_connect_failure",
+    "reset": "upstream_reset",
+}
 
 
 def _route_retries(exchange: Exchange, route: Route, cluster: ClusterRuntime) -> RouteRetries:
