@@ -20,16 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from meshling.policies import (
-    circuit_breaker,
-    fault_injection,
-    health_check,
-    load_balancing,
-    rate_limit,
-    retry,
-    timeout,
-    traffic_permission,
-)
 from meshling.policies.selection import Selection
 
 if TYPE_CHECKING:
@@ -70,82 +60,114 @@ class PolicyType(Generic[R, F]):
     fragment: Callable[..., dict[str, Any]] | None = None
 
 
-POLICIES: tuple[PolicyType[Any, Any], ...] = (
-    PolicyType(  # who may connect at all: first, before any other work
-        traffic_permission.KIND,
-        traffic_permission.parse_resource,
-        traffic_permission.to_snapshot,
-        traffic_permission.selects,
-    ),
-    PolicyType(  # how much a caller may send: refused before any work is spent on it
-        rate_limit.KIND,
-        rate_limit.parse_resource,
-        None,
-        rate_limit.selects,
-        attach="chain",
-        key="rate_limit",
-        fragment=rate_limit.fragment,
-    ),
-    PolicyType(  # delays and aborts for admitted requests, before routing
-        fault_injection.KIND,
-        fault_injection.parse_resource,
-        None,
-        fault_injection.selects,
-        attach="chain",
-        key="fault",
-        fragment=fault_injection.fragment,
-    ),
-    PolicyType(  # how long a call to a service may take, every attempt included
-        timeout.KIND,
-        timeout.parse_resource,
-        None,
-        timeout.selects,
-        attach="route",
-        key="timeout",
-        fragment=timeout.fragment,
-    ),
-    PolicyType(  # which failed attempts are tried again, inside the timeout
-        retry.KIND,
-        retry.parse_resource,
-        None,
-        retry.selects,
-        attach="route",
-        key="retry",
-        fragment=retry.fragment,
-    ),
-    PolicyType(  # limits on what a cluster carries, then which endpoints are ejected
-        circuit_breaker.KIND,
-        circuit_breaker.parse_resource,
-        None,
-        circuit_breaker.selects,
-        attach="cluster",
-        key="circuit_breaker",
-        fragment=circuit_breaker.fragment,
-    ),
-    PolicyType(  # which endpoint of the cluster a request goes to
-        load_balancing.KIND,
-        load_balancing.parse_resource,
-        None,
-        load_balancing.selects,
-        attach="cluster",
-        key="load_balancing",
-        fragment=load_balancing.fragment,
-    ),
-    PolicyType(  # out of band: which endpoints the balancer may pick from
-        health_check.KIND,
-        health_check.parse_resource,
-        None,
-        health_check.selects,
-        attach="cluster",
-        key="health_check",
-        fragment=health_check.fragment,
-    ),
-)
+# Every policy kind, in apply order; built on first use (see `__getattr__`), so that a
+# proxy importing one policy's decisions does not load every policy, the identity
+# stack and the control plane's parsers with it.
+POLICIES: tuple[PolicyType[Any, Any], ...]
+
+
+def _registry() -> tuple[PolicyType[Any, Any], ...]:
+    from meshling.policies import (
+        circuit_breaker,
+        fault_injection,
+        health_check,
+        load_balancing,
+        rate_limit,
+        retry,
+        timeout,
+        traffic_permission,
+    )
+
+    return (
+        PolicyType(  # who may connect at all: first, before any other work
+            traffic_permission.KIND,
+            traffic_permission.parse_resource,
+            traffic_permission.to_snapshot,
+            traffic_permission.selects,
+        ),
+        PolicyType(  # how much a caller may send: refused before any work is spent on it
+            rate_limit.KIND,
+            rate_limit.parse_resource,
+            None,
+            rate_limit.selects,
+            attach="chain",
+            key="rate_limit",
+            fragment=rate_limit.fragment,
+        ),
+        PolicyType(  # delays and aborts for admitted requests, before routing
+            fault_injection.KIND,
+            fault_injection.parse_resource,
+            None,
+            fault_injection.selects,
+            attach="chain",
+            key="fault",
+            fragment=fault_injection.fragment,
+        ),
+        PolicyType(  # how long a call to a service may take, every attempt included
+            timeout.KIND,
+            timeout.parse_resource,
+            None,
+            timeout.selects,
+            attach="route",
+            key="timeout",
+            fragment=timeout.fragment,
+        ),
+        PolicyType(  # which failed attempts are tried again, inside the timeout
+            retry.KIND,
+            retry.parse_resource,
+            None,
+            retry.selects,
+            attach="route",
+            key="retry",
+            fragment=retry.fragment,
+        ),
+        PolicyType(  # limits on what a cluster carries, then which endpoints are ejected
+            circuit_breaker.KIND,
+            circuit_breaker.parse_resource,
+            None,
+            circuit_breaker.selects,
+            attach="cluster",
+            key="circuit_breaker",
+            fragment=circuit_breaker.fragment,
+        ),
+        PolicyType(  # which endpoint of the cluster a request goes to
+            load_balancing.KIND,
+            load_balancing.parse_resource,
+            None,
+            load_balancing.selects,
+            attach="cluster",
+            key="load_balancing",
+            fragment=load_balancing.fragment,
+        ),
+        PolicyType(  # out of band: which endpoints the balancer may pick from
+            health_check.KIND,
+            health_check.parse_resource,
+            None,
+            health_check.selects,
+            attach="cluster",
+            key="health_check",
+            fragment=health_check.fragment,
+        ),
+    )
+
+
+def registered() -> tuple[PolicyType[Any, Any], ...]:
+    """`POLICIES`, built on the first call."""
+    global POLICIES
+    if "POLICIES" not in globals():
+        POLICIES = _registry()
+    return POLICIES
+
+
+def __getattr__(name: str) -> Any:
+    if name == "POLICIES":
+        return registered()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def policy_type(kind: str) -> PolicyType[Any, Any] | None:
     """The registered policy for a resource's `kind:`, or None if there is none."""
-    for policy in POLICIES:
+    for policy in registered():
         if policy.kind == kind:
             return policy
     return None
