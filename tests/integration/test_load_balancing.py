@@ -140,3 +140,49 @@ def test_load_balancing_random_reaches_every_endpoint(start_proxy, upstreams) ->
     proxy = start_proxy(snapshot(upstreams, {"policy": "random"}))
     served = load(proxy.port, 1, 60)
     assert set(served) == {u.port for u in upstreams}
+
+
+@pytest.mark.parametrize("policy", ["least_request", "ewma"])
+def test_a_retry_goes_to_an_endpoint_not_yet_tried(start_proxy, policy: str) -> None:
+    """Two choices by least in flight keep drawing an endpoint that fails fast; a retry
+    must pass over every endpoint the request already failed on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow, failing = Upstream(), Upstream()
+    try:
+        slow.delay = 0.1
+        failing.status = 503
+        document = http_snapshot(
+            free_port(),
+            free_port(),
+            [],
+            routes=[
+                {
+                    "name": "all",
+                    "cluster": "up",
+                    "retry": {
+                        "max_attempts": 3,
+                        "backoff": {"base": "1ms", "max": "2ms"},
+                        "budget": {"ratio": 1.0, "min_per_second": 1000},
+                    },
+                }
+            ],
+            clusters=[
+                {
+                    "name": "up",
+                    "endpoints": [
+                        {"address": "127.0.0.1", "port": u.port} for u in (slow, failing)
+                    ],
+                    "load_balancing": {"policy": policy},
+                }
+            ],
+        )
+        proxy = start_proxy(document)
+        with ThreadPoolExecutor(8) as pool:
+            statuses = Counter(pool.map(lambda _: get(proxy.port)[0], range(80)))
+        # every request that met the failing endpoint was retried on the slow one
+        assert statuses == {200: 80}, statuses
+        assert slow.hits == 80
+    finally:
+        slow.close()
+        failing.close()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from meshling.policies.circuit_breaker.decide import (
@@ -272,6 +272,21 @@ class Balancer:
         if kind == RING_HASH:
             return self._ring_pick(available, headers, peer)
         return available[int(self.rnd() * n)]
+
+    def pick_other(self, tried: Collection[Endpoint]) -> Host | None:
+        """The host for a retry: the balancer's choice unless that endpoint was already
+        tried by this request, then the least busy of the usable ones not tried yet (two
+        random choices would keep drawing a fast-failing endpoint, the one with least in
+        flight). When every usable endpoint was tried, the balancer's choice."""
+        host = self.pick()
+        if host is None or host.endpoint not in tried:
+            return host
+        others = [h for h in self.available if h.endpoint not in tried]
+        if not others:
+            return host
+        if self.kind in (LEAST_REQUEST, EWMA):
+            return min(others, key=lambda h: h.active)
+        return others[int(self.rnd() * len(others))]
 
     def _ring_pick(
         self,

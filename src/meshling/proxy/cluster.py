@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from meshling.proxy.balancer import Balancer, Host, HostGroup
@@ -185,6 +185,17 @@ class ClusterRuntime:
         request, ewma) until `finished`."""
         host = self.balancer.pick(headers, peer)
         if host is not None:
+            host.active += 1
+        return host
+
+    def choose_other(self, chosen: Host | None, tried: Collection[Endpoint]) -> Host | None:
+        """The host for a retry of an admitted request, avoiding the endpoints it `tried`
+        while others are usable; the request's in-flight count moves from `chosen` (the
+        host it was counted on) to the new one, which `finished` then receives."""
+        host = self.balancer.pick_other(tried)
+        if host is not None:
+            if chosen is not None:
+                chosen.active -= 1
             host.active += 1
         return host
 

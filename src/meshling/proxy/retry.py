@@ -83,6 +83,7 @@ class Attempts:
         "shared",
         "slot",
         "too_large",
+        "tried",
     )
 
     def __init__(self, exchange: Exchange, route: Route, cluster: ClusterRuntime) -> None:
@@ -100,6 +101,8 @@ class Attempts:
         # attempts started, and when the current one did
         self.count = 1
         self.attempt_start = exchange.start
+        # the endpoints this request failed on, made at its first retry
+        self.tried: set[Endpoint] | None = None
         self.phase = _TRYING
         self.slot: int | None = None
         self.kept_size = 0
@@ -253,14 +256,19 @@ class Attempts:
         ex = self.exchange
         cluster = ex.cluster
         assert cluster is not None and self.kept is not None
-        endpoint = _pick_other(cluster, self.failed_endpoint)
-        if endpoint is None:
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = set()
+        if self.failed_endpoint is not None:
+            tried.add(self.failed_endpoint)
+        host = ex.chosen = cluster.choose_other(ex.chosen, tried)
+        if host is None:
             cluster.stats.no_endpoint += 1
             ex.local_reply(503, "no_endpoint")
             return
         self.count += 1
         self.attempt_start = time.monotonic()
-        ex.endpoint = endpoint
+        ex.endpoint = host.endpoint
         ex.pending = list(self.kept)
         ex.pending_size = self.kept_size
         self.phase = _TRYING
@@ -294,14 +302,3 @@ def _route_retries(exchange: Exchange, route: Route, cluster: ClusterRuntime) ->
         chain.metrics.retry_stats(chain.listener, route.name, route.cluster),
     )
     return shared
-
-
-def _pick_other(cluster: ClusterRuntime, failed: Endpoint | None) -> Endpoint | None:
-    """The balancer's next endpoint, passing over the one that just failed when the
-    cluster has others."""
-    endpoint = cluster.pick()
-    for _ in range(len(cluster.config.endpoints) - 1):
-        if endpoint != failed:
-            break
-        endpoint = cluster.pick()
-    return endpoint
