@@ -3,9 +3,11 @@
 One request and its response go through `HttpDownstream`, `Exchange` and a
 pooled `HttpUpstream` over fake transports, so the figure is the proxy's own
 CPU per request with no syscalls and no event-loop wake-ups. Run it with
-`--profile` to see where that time goes.
+`--profile` to see where that time goes. `--policies` configures every reliability
+policy as `bench/run.py`'s `meshling-http+policies` does (none of them firing; the
+health check is configured but its task is not started here), with that balancer.
 
-    .venv/bin/python bench/hotpath.py [--requests N] [--profile]
+    .venv/bin/python bench/hotpath.py [--requests N] [--profile] [--policies least_request]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import cProfile
 import pstats
 import time
 from typing import Any
+
+from run import LB_POLICIES, policy_fragments
 
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
 from meshling.proxy.deadlines import Deadlines
@@ -62,32 +66,26 @@ class FakeTransport:
         pass
 
 
-async def run(requests: int, profile: bool) -> float:
+async def run(requests: int, profile: bool, lb_policy: str | None) -> float:
+    route: dict[str, Any] = {"name": "all", "cluster": "up"}
+    filter_chain: dict[str, Any] = {
+        "http": {
+            "route_config": {
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]
+            }
+        }
+    }
+    cluster: dict[str, Any] = {"name": "up", "endpoints": [{"address": "127.0.0.1", "port": 2}]}
+    if lb_policy is not None:
+        fragments = policy_fragments(lb_policy)
+        route.update(fragments["route"])
+        cluster.update(fragments["cluster"])
+        filter_chain.update(fragments["chain"])
     snapshot = from_dict(
         {
             "version": "1",
-            "listeners": [
-                {
-                    "name": "in",
-                    "port": 1,
-                    "filter_chains": [
-                        {
-                            "http": {
-                                "route_config": {
-                                    "virtual_hosts": [
-                                        {
-                                            "name": "all",
-                                            "domains": ["*"],
-                                            "routes": [{"name": "all", "cluster": "up"}],
-                                        }
-                                    ]
-                                }
-                            }
-                        }
-                    ],
-                }
-            ],
-            "clusters": [{"name": "up", "endpoints": [{"address": "127.0.0.1", "port": 2}]}],
+            "listeners": [{"name": "in", "port": 1, "filter_chains": [filter_chain]}],
+            "clusters": [cluster],
         }
     )
     metrics = Metrics()
@@ -125,9 +123,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--policies",
+        metavar="BALANCER",
+        choices=LB_POLICIES,
+        help="every reliability policy configured, none firing, with this balancer: "
+        + ", ".join(LB_POLICIES),
+    )
     args = parser.parse_args()
-    micros = asyncio.run(run(args.requests, args.profile))
-    print(f"proxy Python work per request: {micros:.2f} us (no syscalls)")
+    micros = asyncio.run(run(args.requests, args.profile, args.policies))
+    which = f"with the policies ({args.policies})" if args.policies else "bare"
+    print(f"proxy Python work per request, {which}: {micros:.2f} us (no syscalls)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ resident memory idle and under load, and (for meshling) the time from spawn to r
 It prints one table, the meshling/HAProxy ratios against their targets, and writes
 everything to bench/results/latest.json.
 
+`meshling-http+policies` is `meshling-http` with every reliability policy configured and
+none firing (route timeout and retry, circuit breaker with outlier detection, an HTTP
+health check, a least-request balancer, an inbound rate limit and a header-triggered
+fault); its CPU per request is compared with `meshling-http`'s from the same run.
+
 Then the mesh hop: two meshling proxies in a row joined by mutual TLS, against two
 HAProxies joined the same way, both pairs on the proxy CPU. Besides wrk's figures it
 counts the TLS handshakes between the two proxies, and runs bench/paced.py at a fixed
@@ -17,6 +22,7 @@ adds at a modest load. A second table and its own targets follow the first.
     .venv/bin/python bench/run.py            # 10 s per scenario, about three minutes in all
     .venv/bin/python bench/run.py --quick    # 3 s per scenario
     .venv/bin/python bench/run.py --only haproxy-http meshling-http
+    .venv/bin/python bench/run.py --only meshling-http meshling-http+policies
     .venv/bin/python bench/run.py --only meshling-mtls-hop haproxy-mtls-hop
 
 Every peer is started here, from a config written to a temporary directory, and stopped
@@ -66,6 +72,36 @@ TARGETS = [
     ("idle rss", "meshling idle RSS, worst of its scenarios", 25.0, " MB", False),
     ("start to ready", "meshling spawn -> /ready 200, worst of its scenarios", 0.5, " s", False),
 ]
+# The reliability policies configured and not firing, against the same proxy without them.
+POLICY_TARGETS = [
+    (
+        "policies cpu/req",
+        "meshling-http+policies cpu / meshling-http cpu",
+        1.15,
+        "x",
+        False,
+    ),
+]
+# The policies scenario's settings (see policy_fragments): one health check of the single
+# endpoint per HEALTH_CHECK_INTERVAL (plus up to 10% jitter), and a header no benchmark
+# request carries, which would make the fault abort a request.
+HEALTH_CHECK_INTERVAL = "1s"
+HEALTH_CHECK_PATH = "/healthz"
+FAULT_HEADER = ("x-bench-fault", "abort")
+LB_POLICIES = ("least_request", "ewma", "round_robin", "random")
+# Counters of the policies firing: every sample must stay 0 in the policies scenario.
+FIRING_METRICS = (
+    "meshling_rate_limited_total",
+    "meshling_faults_injected_total",
+    "meshling_http_retries_total",
+    "meshling_http_retries_skipped_total",
+    "meshling_http_per_try_timeouts_total",
+    "meshling_upstream_request_timeouts_total",
+    "meshling_circuit_breaker_overflows_total",
+    "meshling_outlier_ejections_total",
+    "meshling_outlier_ejections_skipped_total",
+    "meshling_lb_panic",
+)
 # The mesh hop: two meshling proxies over mTLS against two HAProxies over mTLS.
 HOP_TARGETS = [
     ("hop rps", "meshling-mtls-hop rps / haproxy-mtls-hop rps", 0.6, "x", True),
@@ -106,6 +142,9 @@ class Result:
     rss_idle_mb: float | None = None
     rss_loaded_mb: float | None = None
     start_to_ready_s: float | None = None
+    # the policies scenario: the health checks the proxy made during the measured run
+    health_checks: int | None = None
+    health_checks_per_s: float | None = None
     exit_code: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -372,33 +411,114 @@ backend upstream
     return conf
 
 
+def policy_fragments(lb_policy: str) -> dict[str, dict[str, Any]]:
+    """Every reliability policy, configured so that none fires under the benchmark's load,
+    as the snapshot fragments of the route, the cluster and the inbound filter chain."""
+    route = {
+        "timeout": {"connect": "1s", "request": "15s", "per_try": "5s", "idle": "60s"},
+        "retry": {
+            "max_attempts": 3,
+            "retry_on": ["5xx", "connect-failure", "reset"],
+            "backoff": {"base": "25ms", "max": "250ms"},
+            "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"},
+        },
+    }
+    load_balancing: dict[str, Any] = {"policy": lb_policy}
+    if lb_policy == "ewma":
+        load_balancing["decay"] = "10s"
+    cluster = {
+        "circuit_breaker": {
+            "max_connections": 1024,
+            "max_pending_requests": 1024,
+            "max_requests": 1024,
+            "outlier_detection": {
+                "consecutive_5xx": 5,
+                "consecutive_gateway_failures": 0,
+                "interval": "10s",
+                "base_ejection_time": "30s",
+                "max_ejection_time": "300s",
+                "max_ejection_percent": 50,
+            },
+        },
+        "health_check": {
+            "interval": HEALTH_CHECK_INTERVAL,
+            "timeout": "500ms",
+            "healthy_threshold": 2,
+            "unhealthy_threshold": 3,
+            "panic_threshold": 50,
+            "http": {"path": HEALTH_CHECK_PATH, "expected_statuses": [200]},
+        },
+        "load_balancing": load_balancing,
+    }
+    header, value = FAULT_HEADER
+    chain = {
+        # a million requests a second: some fifty times what one proxy serves here
+        "rate_limit": {
+            "rules": [
+                {
+                    "name": "bench-limit",
+                    "identities": ["*"],
+                    "local": {"requests": 1_000_000, "interval": "1s", "burst": 1_000_000},
+                }
+            ]
+        },
+        # aborts every request that carries the header, and wrk's requests do not
+        "fault": {
+            "rules": [
+                {
+                    "name": "bench-fault",
+                    "identities": ["*"],
+                    "abort": {"percentage": 100, "http_status": 503},
+                    "header": {"name": header, "value": value},
+                }
+            ]
+        },
+    }
+    return {"route": route, "cluster": cluster, "chain": chain}
+
+
 def meshling_conf(
-    workdir: Path, name: str, mode: str, port: int, admin: int, upstream: int, access_log: bool
+    workdir: Path,
+    name: str,
+    mode: str,
+    port: int,
+    admin: int,
+    upstream: int,
+    access_log: bool,
+    lb_policy: str | None = None,
 ) -> Path:
+    """A one-listener, one-cluster snapshot; with `lb_policy`, an HTTP one with every
+    reliability policy configured (`policy_fragments`) and that balancer."""
+    route: dict[str, Any] = {"name": "all", "cluster": "upstream"}
+    cluster: dict[str, Any] = {
+        "name": "upstream",
+        "endpoints": [{"address": HOST, "port": upstream}],
+    }
     if mode == "http":
         chain: dict[str, Any] = {
             "name": "http",
             "http": {
                 "route_config": {
-                    "virtual_hosts": [
-                        {
-                            "name": "bench",
-                            "domains": ["*"],
-                            "routes": [{"name": "all", "cluster": "upstream"}],
-                        }
-                    ]
+                    "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": [route]}]
                 }
             },
         }
     else:
         chain = {"name": "tcp", "tcp": {"cluster": "upstream"}}
+    if lb_policy is not None:
+        if mode != "http":
+            raise ValueError("the policies scenario is an HTTP one")
+        fragments = policy_fragments(lb_policy)
+        route.update(fragments["route"])
+        cluster.update(fragments["cluster"])
+        chain.update(fragments["chain"])
     snapshot: dict[str, Any] = {
         "version": "1",
         "node": "bench",
         "drain_timeout": "2s",
         "admin": {"address": HOST, "port": admin, "token": "bench"},
         "listeners": [{"name": "bench", "address": HOST, "port": port, "filter_chains": [chain]}],
-        "clusters": [{"name": "upstream", "endpoints": [{"address": HOST, "port": upstream}]}],
+        "clusters": [cluster],
     }
     if access_log:
         snapshot["access_log"] = {"path": str(workdir / f"{name}.access.log")}
@@ -566,6 +686,8 @@ class Scenario:
     start: Callable[[Bench], tuple[subprocess.Popen[bytes] | None, int]]
     # meshling promises exit code 0 after a SIGTERM drain; the peers make no such promise
     clean_exit: bool = False
+    # meshling with the reliability policies: count its health checks, check none fired
+    policies: bool = False
 
 
 @dataclass
@@ -607,6 +729,7 @@ class Bench:
         # set by the scenario that starts a proxy, for measure() to report
         self.ready_time: float | None = None
         self.access_log: Path | None = None
+        self.admin_port: int | None = None
         # the hop scenarios: their certificates, the proxies of the one running, and the
         # paced run straight to the upstream that their paced runs are compared with
         self.certs: Certificates | None = None
@@ -643,7 +766,7 @@ class Bench:
 
     def measure(self, scenario: Scenario) -> Result:
         result = Result(scenario.name, scenario.description)
-        self.ready_time = self.access_log = None
+        self.ready_time = self.access_log = self.admin_port = None
         proc: subprocess.Popen[bytes] | None = None
         try:
             proc, port = scenario.start(self)
@@ -658,7 +781,12 @@ class Bench:
                 self.wrk(port, self.args.warmup, pids)
             if proc:
                 pids = descendants(proc.pid)  # workers may have been started lazily
+            checks_before = self.health_checks() if scenario.policies else 0
             result.load, peak, ticks = self.wrk(port, self.args.duration, pids)
+            if scenario.policies:
+                result.health_checks = self.health_checks() - checks_before
+                result.health_checks_per_s = result.health_checks / result.load.seconds
+                result.notes.extend(self.policy_problems())
             if proc:
                 result.rss_loaded_mb = peak / MB
                 seconds = ticks / CLK_TCK
@@ -694,6 +822,30 @@ class Bench:
                         f"access log has {lines} lines for {result.load.requests} measured requests"
                     )
         return result
+
+    def admin_metrics(self) -> str:
+        if self.admin_port is None:
+            raise RuntimeError("no meshling admin port to read metrics from")
+        status, body = http_get(self.admin_port, "/metrics", timeout=5.0)
+        if status != 200:
+            raise RuntimeError(f"GET /metrics on the admin port gave {status}")
+        return body.decode()
+
+    def health_checks(self) -> int:
+        """The health checks the running meshling proxy has made, passed or failed."""
+        return int(metric_sum(self.admin_metrics(), "meshling_health_checks_total"))
+
+    def policy_problems(self) -> list[str]:
+        """What says the policies scenario was not the policies configured and idle: a
+        policy that fired (warm-up included), or a health check that failed."""
+        text = self.admin_metrics()
+        problems = [f"a policy fired: {line}" for line in nonzero_samples(text, *FIRING_METRICS)]
+        failed = metric_sum(text, "meshling_health_checks_total", 'result="failed"')
+        if failed:
+            problems.append(f"{failed:g} health checks failed")
+        if not metric_sum(text, "meshling_health_checks_total", 'result="passed"'):
+            problems.append("no health check passed: was the health check configured?")
+        return problems
 
     def wrk(self, port: int, seconds: float, pids: list[int]) -> tuple[Load, int, int]:
         """One wrk run while sampling the proxy's RSS; returns (load, peak RSS, CPU ticks)."""
@@ -824,10 +976,13 @@ class Bench:
         return proc, port
 
     def meshling(
-        self, name: str, mode: str, access_log: bool
+        self, name: str, mode: str, access_log: bool, lb_policy: str | None = None
     ) -> tuple[subprocess.Popen[bytes] | None, int]:
         port, admin = free_port(), free_port()
-        conf = meshling_conf(self.workdir, name, mode, port, admin, self.upstream_port, access_log)
+        conf = meshling_conf(
+            self.workdir, name, mode, port, admin, self.upstream_port, access_log, lb_policy
+        )
+        self.admin_port = admin
         if access_log:
             self.access_log = self.workdir / f"{name}.access.log"
         argv = [str(MESHLING), "proxy", "run", "--config", str(conf)]
@@ -941,6 +1096,15 @@ SCENARIOS = [
         "meshling http filter, metrics on, no access log",
         lambda b: b.meshling("meshling-http", "http", access_log=False),
         clean_exit=True,
+    ),
+    Scenario(
+        "meshling-http+policies",
+        "meshling-http with every reliability policy configured, none firing",
+        lambda b: b.meshling(
+            "meshling-http+policies", "http", access_log=False, lb_policy=b.args.policies_lb
+        ),
+        clean_exit=True,
+        policies=True,
     ),
     Scenario(
         "meshling-http+accesslog",
@@ -1062,6 +1226,37 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
     return target_rows(TARGETS, measured)
 
 
+def policy_targets(results: list[Result]) -> list[dict[str, Any]]:
+    """The policies target with its measured value (None: not measured)."""
+    by_name = {r.scenario: r for r in results if r.load and not r.error}
+    bare, policies = by_name.get("meshling-http"), by_name.get("meshling-http+policies")
+    value = None
+    if bare and policies and bare.cpu_us_per_request and policies.cpu_us_per_request:
+        value = policies.cpu_us_per_request / bare.cpu_us_per_request
+    return target_rows(POLICY_TARGETS, [value])
+
+
+def policy_summary(results: list[Result]) -> str:
+    """The CPU per request of meshling-http with and without the policies, and the health
+    checks made while the policies scenario was measured."""
+    by_name = {r.scenario: r for r in results if r.load and not r.error}
+    bare, policies = by_name.get("meshling-http"), by_name.get("meshling-http+policies")
+    if not (bare and policies and bare.cpu_us_per_request and policies.cpu_us_per_request):
+        return "  cpu us/req: not measured (both meshling-http and meshling-http+policies needed)"
+    a, b = bare.cpu_us_per_request, policies.cpu_us_per_request
+    line = (
+        f"  cpu us/req: bare {a:.1f}, policies {b:.1f} ({b - a:+.1f} us, {100 * (b - a) / a:+.1f}%)"
+    )
+    if policies.health_checks is not None and policies.load:
+        per = policies.load.requests / policies.health_checks if policies.health_checks else 0
+        line += (
+            f"\n  health checks while measured: {policies.health_checks} "
+            f"({_fmt(policies.health_checks_per_s, '.2f')}/s"
+            + (f", one per {per:,.0f} requests)" if per else ")")
+        )
+    return line
+
+
 def hop_targets(hops: list[HopResult]) -> list[dict[str, Any]]:
     """The hop targets with their measured values (None: not measured)."""
     by_name = {h.scenario: h for h in hops if h.load and not h.error}
@@ -1089,6 +1284,7 @@ def target_rows(
                 "what": what,
                 "value": value,
                 "bound": f"{'>=' if at_least else '<='} {bound:g}{unit}",
+                "limit": bound,
                 "unit": unit.strip(),
                 "met": None if value is None else value >= bound if at_least else value <= bound,
             }
@@ -1144,7 +1340,11 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
         if t["value"] is None:
             value, verdict = "n/a", "not measured"
         else:
-            value = f"{t['value']:.2f}{'x' if t['unit'] == 'x' else ' ' + t['unit']}"
+            # a value that rounds onto its bound gets the digit that decides it
+            digits = 2
+            if round(t["value"], 2) == t["limit"] and t["value"] != t["limit"]:
+                digits = 3
+            value = f"{t['value']:.{digits}f}{'x' if t['unit'] == 'x' else ' ' + t['unit']}"
             verdict = "met" if t["met"] else "MISSED"
         lines.append(f"  {t['target']:<20} {value:>9}   target {t['bound']:<9} {verdict}")
     return "\n".join(lines)
@@ -1201,6 +1401,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SCENARIO",
         choices=names,
         help="run only these scenarios: " + ", ".join(names),
+    )
+    parser.add_argument(
+        "--policies-lb",
+        choices=LB_POLICIES,
+        default="least_request",
+        help="the balancer of meshling-http+policies (least_request)",
     )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
@@ -1289,12 +1495,22 @@ def main(argv: list[str] | None = None) -> int:
 
     load_after = os.getloadavg()[0]
     checked = targets(results) if results else []
+    policies_chosen = any(s.name == "meshling-http+policies" for s in chosen)
+    policy_checked = policy_targets(results) if policies_chosen else []
     if results:
         print()
         print(table(results))
         print()
         print("meshling against HAProxy (same run):")
         print(targets_table(checked))
+    if policies_chosen:
+        print()
+        print(
+            f"meshling-http+policies ({args.policies_lb}) against meshling-http, "
+            "policies configured, none firing (same run):"
+        )
+        print(policy_summary(results))
+        print(targets_table(policy_checked))
     hop_checked = hop_targets(hops) if chosen_hops else []
     if chosen_hops:
         print()
@@ -1323,13 +1539,15 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": load_after,
             "paced_rate": PACED_RATE,
             "paced_connections": PACED_CONNECTIONS,
+            "policies_lb": args.policies_lb,
+            "policies": policy_fragments(args.policies_lb),
         },
         "machine": machine(),
         "versions": info,
         "results": [asdict(r) for r in results],
         "hops": [asdict(h) for h in hops],
         "paced_direct": bench.paced_direct,
-        "targets": checked + hop_checked,
+        "targets": checked + policy_checked + hop_checked,
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.json}")
