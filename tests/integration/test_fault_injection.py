@@ -123,9 +123,10 @@ def test_fault_tcp_inbound_abort_resets_and_delay_holds(start_proxy) -> None:
             ]
         }
         proxy = start_proxy(doc)
+        # the reset may come as soon as the proxy accepts: even before connect() returns
         with (
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s,
             pytest.raises(ConnectionResetError),
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s,
         ):
             s.sendall(b"ping")
             s.recv(16)
@@ -144,7 +145,8 @@ def test_fault_tcp_inbound_abort_resets_and_delay_holds(start_proxy) -> None:
             started = time.monotonic()
             s.sendall(b"ping")
             assert s.recv(16) == b"ping"
-            assert 0.25 <= time.monotonic() - started < 0.4
+            # held for the delay, then passed on (the upper bound allows a loaded machine)
+            assert 0.25 <= time.monotonic() - started < 0.75
     finally:
         echo.close()
 

@@ -311,6 +311,22 @@ class Balancer:
         """The outcome of one request (or connection) to a host: `status` as the client
         got it, the proxy's own `error` if any, `latency` in seconds."""
         outlier = self.outlier
+        if (
+            outlier is not None
+            and self.kind != EWMA
+            and error is None
+            and status < 500
+            and status != 499
+            and status != 0
+        ):
+            # `classify` says SUCCESS and `record` resets the counts in a row, inlined:
+            # this is nearly every request. (An ejected host's counts are already zero.)
+            state = host.outlier
+            if state.consecutive_5xx:
+                state.consecutive_5xx = 0
+            if state.consecutive_gateway:
+                state.consecutive_gateway = 0
+            return
         if self.kind == EWMA or outlier is not None:
             outcome = classify(status, error)
             if self.kind == EWMA and outcome in (SUCCESS, GATEWAY_FAILURE):

@@ -68,20 +68,37 @@ class TimingWheel:
 class Deadlines:
     """A timing wheel driven by the event loop."""
 
+    __slots__ = ("_slots", "_tick", "_timer", "clock", "loop", "wheel")
+
     def __init__(self, tick: float = 0.01, clock: Callable[[], float] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.clock = clock or self.loop.time
         self.wheel = TimingWheel(tick)
+        # the wheel's own, for `add` and `remove`: they run for nearly every request
+        self._slots = self.wheel.slots
+        self._tick = tick
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, entry: Expirable, timeout: float) -> int:
-        slot = self.wheel.add(entry, self.clock() + timeout)
+        """Arm `entry` for `timeout` seconds from now; returns the slot to pass to `remove`.
+        (`TimingWheel.add`, inlined.)"""
+        slot = ceil((self.clock() + timeout) / self._tick)
+        bucket = self._slots.get(slot)
+        if bucket is None:
+            bucket = self._slots[slot] = set()
+        bucket.add(entry)
         if self._timer is None:
-            self._timer = self.loop.call_later(self.wheel.tick, self._advance)
+            self._timer = self.loop.call_later(self._tick, self._advance)
         return slot
 
     def remove(self, entry: Expirable, slot: int) -> None:
-        self.wheel.remove(entry, slot)
+        """(`TimingWheel.remove`, inlined.)"""
+        slots = self._slots
+        bucket = slots.get(slot)
+        if bucket is not None:
+            bucket.discard(entry)
+            if not bucket:
+                del slots[slot]
 
     def _advance(self) -> None:
         self._timer = None

@@ -144,6 +144,7 @@ class CallerPolicies:
         "policies",
         "refusal",
         "source",
+        "trigger",
     )
 
     def __init__(
@@ -158,6 +159,10 @@ class CallerPolicies:
         self.limiter = limiter
         self.fault = fault
         self.fault_name = fault_name
+        # the fault's trigger header (name, value), when it has one: a request without
+        # it is decided without drawing anything
+        trigger = fault.header if fault is not None else None
+        self.trigger = (trigger.name_bytes, trigger.value_bytes) if trigger is not None else None
         # the key of the caller's own buckets (per_source): its SPIFFE ID, "" if plaintext
         self.source = source
         # the request decided last, and what was decided
@@ -184,7 +189,8 @@ class CallerPolicies:
         limiter = self.limiter
         if limiter is not None:
             now = time.monotonic()
-            bucket = limiter.local_bucket(self.source, now)
+            sources = limiter.local_sources
+            bucket = limiter.local if sources is None else sources.get(self.source, now)
             if bucket is not None and not bucket.take(now):
                 self.refusal = limiter.refuse("local", limiter.local_count, bucket.wait())
                 return False
@@ -198,9 +204,18 @@ class CallerPolicies:
                 if verdict is not True:
                     self.refusal = limiter.refuse("global", verdict.limit, verdict.reset)
                     return False
-        if self.fault is not None:
-            return self._decide_faults(downstream, head)
-        return False
+        if self.fault is None:
+            return False
+        trigger = self.trigger
+        if trigger is not None:
+            # `decide` would find no trigger and answer NONE: the common case, cheaply
+            name, value = trigger
+            for n, v in head.headers:
+                if n == name and v == value:
+                    break
+            else:
+                return False
+        return self._decide_faults(downstream, head)
 
     def _decide_faults(self, downstream: HttpDownstream, head: RequestHead) -> bool:
         assert self.fault is not None

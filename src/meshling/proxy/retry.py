@@ -55,13 +55,27 @@ def wanted(route: Route) -> bool:
 
 
 class RouteRetries:
-    """What the exchanges of one retried route share: its budget and its counters."""
+    """What the exchanges of one route share: its budget and counters when it retries,
+    and what its policies make of every exchange, worked out once."""
 
-    __slots__ = ("budget", "stats")
+    __slots__ = ("budget", "idle", "per_try", "per_try_first", "route", "stats")
 
-    def __init__(self, budget: RetryBudget, stats: RetryStats) -> None:
+    def __init__(self, route: Route, budget: RetryBudget | None, stats: RetryStats | None) -> None:
+        self.route = route
         self.budget = budget
         self.stats = stats
+        policy = route.retry
+        timeouts = route.timeouts
+        # the Retry policy's own per-try timeout, else the Timeout policy's
+        self.per_try = (policy.per_try_timeout if policy is not None else 0.0) or (
+            timeouts.per_try if timeouts is not None else 0.0
+        )
+        self.idle = timeouts.idle if timeouts is not None else 0.0
+        # The route's request timeout runs from the same moment as the first attempt's
+        # and keeps running: a per-try timeout no shorter can never fire first, so the
+        # first attempt arms none (a later one starts later still).
+        timeout = route.timeout
+        self.per_try_first = self.per_try if not timeout or self.per_try < timeout else 0.0
 
 
 class Attempts:
@@ -75,6 +89,7 @@ class Attempts:
         "idle",
         "idle_mark",
         "idle_since",
+        "keeping",
         "kept",
         "kept_size",
         "per_try",
@@ -87,59 +102,57 @@ class Attempts:
     )
 
     def __init__(self, exchange: Exchange, route: Route, cluster: ClusterRuntime) -> None:
-        self.exchange = ex = exchange
-        policy = self.policy = route.retry
-        timeouts = route.timeouts
-        # the Retry policy's own per-try timeout, else the Timeout policy's
-        self.per_try = (policy.per_try_timeout if policy is not None else 0.0) or (
-            timeouts.per_try if timeouts is not None else 0.0
-        )
-        self.idle = timeouts.idle if timeouts is not None else 0.0
-        if self.idle:
+        self.exchange = exchange
+        start = exchange.start
+        plan = cluster.retries.get(route.name)
+        if plan is None or plan.route is not route:
+            plan = _route_plan(exchange, route, cluster, plan)
+        self.shared = plan
+        self.policy = route.retry
+        self.per_try = plan.per_try
+        self.idle = idle = plan.idle
+        if idle:
             self.idle_mark = (0, 0, 0)
-            self.idle_since = exchange.start
+            self.idle_since = start
         # attempts started, and when the current one did
         self.count = 1
-        self.attempt_start = exchange.start
+        self.attempt_start = start
         # the endpoints this request failed on, made at its first retry
         self.tried: set[Endpoint] | None = None
         self.phase = _TRYING
         self.slot: int | None = None
         self.kept_size = 0
         self.too_large = False
-        # request bytes as framed for the upstream, to send again; None: nothing to keep
-        self.kept: list[bytes] | None
-        # the route's budget and counters, when it may retry
-        self.shared: RouteRetries | None
-        if policy is not None and policy.max_attempts > 1:
-            self.kept = []
-            self.shared = cluster.retries.get(route.name) or _route_retries(ex, route, cluster)
+        # Request bytes as framed for the upstream, to send again (made at the first
+        # body bytes: a request without a body keeps nothing); None: nothing to keep.
+        self.kept: list[bytes] | None = None
+        self.keeping = budget = plan.budget
+        if budget is not None:
             # every request pays its share into the budget, retried or not
-            self.shared.budget.deposit(exchange.start)
-        else:
-            self.kept = None
-            self.shared = None
+            budget.deposit(start)
 
     # -- the request -------------------------------------------------------------------
     def keep(self, framed: bytes, size: int) -> None:
         """Keep request body bytes (`size` of them, `framed` for the upstream)."""
-        kept = self.kept
-        if kept is None:
+        if self.keeping is None:
             return
         self.kept_size += size
         policy = self.policy
         assert policy is not None
         if self.kept_size > policy.max_body:
             # Too large to keep: this request is not retried.
-            self.kept = None
+            self.keeping = self.kept = None
             self.too_large = True
+        elif self.kept is None:
+            self.kept = [framed]
         else:
-            kept.append(framed)
+            self.kept.append(framed)
 
     def request_sent(self) -> None:
         """The whole request went to the first attempt: its per-try time starts."""
-        if self.per_try and self.phase == _TRYING and self.slot is None:
-            self.slot = self.exchange.downstream.chain.deadlines.add(self, self.per_try)
+        per_try = self.shared.per_try_first
+        if per_try and self.phase == _TRYING and self.slot is None:
+            self.slot = self.exchange.downstream.chain.deadlines.add(self, per_try)
 
     # -- outcomes of an attempt ----------------------------------------------------------
     def response_head(self, status: int) -> bool:
@@ -168,8 +181,9 @@ class Attempts:
         if self.phase != _TRYING or ex.response_started:
             return
         # The attempt took too long: it counts as a 504 from the upstream.
-        if self.shared is not None:
-            self.shared.stats.per_try_timeouts += 1
+        stats = self.shared.stats
+        if stats is not None:
+            stats.per_try_timeouts += 1
         if ex.cluster is not None:
             ex.cluster.stats.timeouts += 1
         ex.abort_upstream()
@@ -222,13 +236,14 @@ class Attempts:
             policy, head.method, self.count, status, failure, replayable=not self.too_large
         ):
             if self.too_large and should_retry(policy, head.method, self.count, status, failure):
-                assert self.shared is not None
+                assert self.shared.stats is not None
                 self.shared.stats.body_too_large += 1
             return False
         shared = self.shared
-        assert shared is not None
         stats = shared.stats
-        if not shared.budget.withdraw(time.monotonic()):
+        budget = shared.budget
+        assert stats is not None and budget is not None
+        if not budget.withdraw(time.monotonic()):
             stats.budget_exhausted += 1
             return False
         stats.retries += 1
@@ -255,7 +270,7 @@ class Attempts:
     def _next_attempt(self) -> None:
         ex = self.exchange
         cluster = ex.cluster
-        assert cluster is not None and self.kept is not None
+        assert cluster is not None and self.keeping is not None
         tried = self.tried
         if tried is None:
             tried = self.tried = set()
@@ -269,7 +284,7 @@ class Attempts:
         self.count += 1
         self.attempt_start = time.monotonic()
         ex.endpoint = host.endpoint
-        ex.pending = list(self.kept)
+        ex.pending = list(self.kept) if self.kept is not None else []
         ex.pending_size = self.kept_size
         self.phase = _TRYING
         if self.per_try:
@@ -289,16 +304,28 @@ _FAILURE_ERRORS: dict[str, str] = {
 }
 
 
-def _route_retries(exchange: Exchange, route: Route, cluster: ClusterRuntime) -> RouteRetries:
-    """The first exchange of a retried route in this snapshot: its budget and counters."""
-    from meshling.policies.retry.decide import RetryBudget
-
+def _route_plan(
+    exchange: Exchange, route: Route, cluster: ClusterRuntime, found: RouteRetries | None
+) -> RouteRetries:
+    """What an exchange of `route` needs, worked out at the route's first exchange in
+    this snapshot and kept by route name. `found`: what another route of the same name
+    keeps; the retried routes of a name share one budget and one set of counters."""
     policy = route.retry
-    assert policy is not None
-    b = policy.budget
-    chain = exchange.downstream.chain
-    shared = cluster.retries[route.name] = RouteRetries(
-        RetryBudget(b.ratio, b.min_per_second, b.ttl),
-        chain.metrics.retry_stats(chain.listener, route.name, route.cluster),
-    )
+    retried = policy is not None and policy.max_attempts > 1
+    if found is not None and (found.budget is not None or not retried):
+        # the other route keeps its place; this one works out its own timeouts each time
+        if retried:
+            return RouteRetries(route, found.budget, found.stats)
+        return RouteRetries(route, None, None)
+    budget: RetryBudget | None = None
+    stats: RetryStats | None = None
+    if retried:
+        from meshling.policies.retry.decide import RetryBudget
+
+        assert policy is not None
+        b = policy.budget
+        chain = exchange.downstream.chain
+        budget = RetryBudget(b.ratio, b.min_per_second, b.ttl)
+        stats = chain.metrics.retry_stats(chain.listener, route.name, route.cluster)
+    shared = cluster.retries[route.name] = RouteRetries(route, budget, stats)
     return shared

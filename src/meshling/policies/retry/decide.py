@@ -87,6 +87,10 @@ class RetryBudget:
     attempt sees at most (1 + ratio) times the traffic, plus the floor.
 
     Sans-I/O: every call takes the time, so it runs on a fake clock in tests.
+
+    A deposit is the common call, made by every request: within the slot of the last
+    deposit it adds one to that slot's count of requests and allocates nothing; the
+    thousandths are worked out when the slot closes or a retry asks.
     """
 
     __slots__ = (
@@ -94,7 +98,9 @@ class RetryBudget:
         "_deposit",
         "_floor",
         "_floor_at",
-        "_open",
+        "_open_count",
+        "_open_slot",
+        "_open_spent",
         "_open_until",
         "_slot",
         "_slots",
@@ -107,45 +113,54 @@ class RetryBudget:
         self.min_per_second = min_per_second
         self.ttl = ttl
         self._slot = ttl / _SLOTS
-        # [slot number, thousandths still available], oldest first
+        # closed slots, [slot number, thousandths still available], oldest first
         self._slots: deque[list[int]] = deque()
+        # the thousandths the closed slots hold
         self._balance = 0
-        # the newest slot, which deposits go to until `_open_until`
-        self._open: list[int] = [0, 0]
-        self._open_until = 0.0
+        # the open slot, the newest, which deposits go to until `_open_until`: its number,
+        # the requests that deposited in it, and the thousandths retries took from it
+        self._open_slot = 0
+        self._open_count = 0
+        self._open_spent = 0
+        # a ratio of 0 opens no slot: every deposit is nothing
+        self._open_until = 0.0 if self._deposit else float("inf")
         # the floor's bucket, in retries, and when it was last refilled (None: full)
         self._floor = float(min_per_second)
         self._floor_at: float | None = None
 
     def deposit(self, now: float) -> None:
         """One request started."""
-        deposit = self._deposit
-        self._balance += deposit
         if now < self._open_until:
-            self._open[1] += deposit  # the common case: the slot of the last request
+            self._open_count += 1  # the common case: the slot of the last request
             return
-        if not deposit:
-            return
+        # the open slot closes with what is left of it, and this request opens the next
+        left = self._open_count * self._deposit - self._open_spent
+        if left > 0:
+            self._slots.append([self._open_slot, left])
+            self._balance += left
         slot = int(now / self._slot)
-        self._open = [slot, deposit]
+        self._open_slot = slot
+        self._open_count = 1
+        self._open_spent = 0
         self._open_until = (slot + 1) * self._slot
-        self._slots.append(self._open)
 
     def withdraw(self, now: float) -> bool:
         """May one retry start now? True spends it."""
         self._expire(now)
-        if self._balance >= _UNIT:
-            self._balance -= _UNIT
+        in_open = self._open_count * self._deposit - self._open_spent
+        if self._balance + in_open >= _UNIT:
             owed = _UNIT
             slots = self._slots
-            while owed:
+            while owed and slots:
                 oldest = slots[0]
                 take = min(owed, oldest[1])
                 oldest[1] -= take
+                self._balance -= take
                 owed -= take
-                # the open slot stays, spent or not, for the deposits still to come
-                if not oldest[1] and oldest is not self._open:
+                if not oldest[1]:
                     slots.popleft()
+            # the rest from the open slot, which stays for the deposits still to come
+            self._open_spent += owed
             return True
         rate = self.min_per_second
         if self._floor_at is not None:
@@ -159,14 +174,16 @@ class RetryBudget:
     def available(self, now: float) -> float:
         """Retries the deposits cover now (the floor not included); for tests and metrics."""
         self._expire(now)
-        return self._balance / _UNIT
+        return (self._balance + self._open_count * self._deposit - self._open_spent) / _UNIT
 
     def _expire(self, now: float) -> None:
         # a slot's deposits expire once its whole slot is older than ttl
         first_alive = int((now - self.ttl) / self._slot)
         slots = self._slots
         while slots and slots[0][0] < first_alive:
-            expired = slots.popleft()
-            self._balance -= expired[1]
-            if expired is self._open:
+            self._balance -= slots.popleft()[1]
+        if self._open_count and self._open_slot < first_alive:
+            self._open_count = 0
+            self._open_spent = 0
+            if self._deposit:
                 self._open_until = 0.0
