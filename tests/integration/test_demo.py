@@ -437,6 +437,26 @@ def test_demo_policy_example_turns_web_calls_into_403s_then_ctrl_c_stops_all(
             if line.startswith("export "):
                 name, _, value = line.removeprefix("export ").partition("=")
                 env[name] = value
+        # the reliability example: web's proxy gets the Retry in its route to api
+        retry = subprocess.run(
+            [sys.executable, "-m", "meshling", "apply", "-f", str(workdir / "retry-api.yaml")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert retry.returncode == 0, retry.stderr
+        config_url = f"http://127.0.0.1:{_admin_port(workdir, 'web')}/config"
+
+        def web_has_retry() -> bool:
+            with urllib.request.urlopen(config_url, timeout=5) as response:
+                return b'"max_attempts"' in response.read()
+
+        began = time.monotonic()
+        while not web_has_retry():
+            assert time.monotonic() - began < 10, "the Retry did not reach web's proxy"
+            time.sleep(0.2)
+
         deny = str(workdir / "deny-web.yaml")
         applied = subprocess.run(
             [sys.executable, "-m", "meshling", "apply", "-f", deny],

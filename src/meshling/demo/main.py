@@ -307,6 +307,13 @@ class Demo:
             [topology.deny_web()],
         )
         self._write_yaml(
+            self.workdir / "retry-api.yaml",
+            "A Retry for web -> api: api's occasional 500s are tried again on the other "
+            "instance.\n"
+            f"# Apply it with `{self.meshling} apply -f {_shown(self.workdir / 'retry-api.yaml')}`",
+            [topology.retry_api()],
+        )
+        self._write_yaml(
             self.workdir / "allow-web.yaml",
             "The permission web -> api as the demo starts with it (undoes deny-web.yaml)",
             [topology.allow_web()],
@@ -526,6 +533,9 @@ class Demo:
             "row, `403` in the",
             "  client line) and counts the connections denied. To allow web again:",
             f"  {m} apply -f {allow}",
+            "and a reliability policy: api fails 2% of its requests (500, web passes on 502);",
+            f"  {m} apply -f {_shown(self.workdir / 'retry-api.yaml')}",
+            "  has web's proxy retry them on the other api instance: web's success goes to 100%",
             f"traffic: {self.rps:g} requests/s to web (127.0.0.1:{top.web.app_port}) {until}; "
             "Ctrl-C stops everything",
         ]

@@ -191,6 +191,22 @@ def allow_web() -> dict[str, Any]:
     return _permission(WEB_TO_API, "api", "web", "allow")
 
 
+def retry_api() -> dict[str, Any]:
+    """A Retry for web -> api: api's simulated failures (a 500 now and then) are tried
+    again on the other instance, and web's success rate goes to 100%."""
+    document = {
+        "kind": "Retry",
+        "metadata": {"name": "web-to-api", "mesh": MESH},
+        "spec": {
+            "sources": [{"service": "web"}],
+            "destinations": [{"service": "api"}],
+            "conf": {"max_attempts": 3, "retry_on": ["5xx", "connect-failure", "reset"]},
+        },
+    }
+    parse_resource(document, "<retry-api>")
+    return document
+
+
 def deny_web() -> dict[str, Any]:
     """The same permission turned to deny: api's proxies then refuse web's calls (403)."""
     document = _permission(WEB_TO_API, "api", "web", "deny")
