@@ -535,7 +535,7 @@ class Demo:
             f"  {m} apply -f {allow}",
             "and a reliability policy: api fails 2% of its requests (500, web passes on 502);",
             f"  {m} apply -f {_shown(self.workdir / 'retry-api.yaml')}",
-            "  has web's proxy retry them on the other api instance: web's success goes to 100%",
+            "  has web's proxy retry them on the other api instance: web's success goes to nearly 100%",
             f"traffic: {self.rps:g} requests/s to web (127.0.0.1:{top.web.app_port}) {until}; "
             "Ctrl-C stops everything",
         ]

@@ -193,7 +193,7 @@ def allow_web() -> dict[str, Any]:
 
 def retry_api() -> dict[str, Any]:
     """A Retry for web -> api: api's simulated failures (a 500 now and then) are tried
-    again on the other instance, and web's success rate goes to 100%."""
+    again on the other instance, and web's success rate goes to nearly 100%."""
     document = {
         "kind": "Retry",
         "metadata": {"name": "web-to-api", "mesh": MESH},
