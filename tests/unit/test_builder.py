@@ -477,8 +477,8 @@ def test_affected_moved_permission_touches_old_and_new_destinations() -> None:
 
 def test_affected_refuses_a_kind_the_builder_does_not_read() -> None:
     _, dataplanes, policies = load()
-    with pytest.raises(ValueError, match="no resources of kind 'HTTPRoute'"):
-        affected("HTTPRoute", "t", dataplanes, policies)
+    with pytest.raises(ValueError, match="no resources of kind 'MeshGateway'"):
+        affected("MeshGateway", "t", dataplanes, policies)
 
 
 MUTATIONS: list[tuple[str, str, Any]] = [

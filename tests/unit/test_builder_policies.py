@@ -75,7 +75,8 @@ def route(document: dict[str, Any], service: str) -> dict[str, Any]:
     if "tcp" in chain:
         tcp: dict[str, Any] = chain["tcp"]
         return tcp
-    routes: dict[str, Any] = chain["http"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    # the last route, to the whole service (an HTTPRoute's rules come before it)
+    routes: dict[str, Any] = chain["http"]["route_config"]["virtual_hosts"][0]["routes"][-1]
     return routes
 
 
@@ -143,7 +144,12 @@ def test_build_outbound_policies_most_specific_wins() -> None:
     mesh, dataplanes, policies = load()
     web = build_all(mesh, dataplanes, policies)["web"]
     snapshot = from_dict(web)
-    (api_route,) = snapshot.listeners[1].filter_chains[0].http.route_config.virtual_hosts[0].routes  # type: ignore[union-attr]
+    # the HTTPRoute's rules come first, then the route to the whole service: all alike
+    http = snapshot.listeners[1].filter_chains[0].http
+    assert http is not None
+    *rules, api_route = http.route_config.virtual_hosts[0].routes
+    assert [r.name for r in rules] == ["api:0.0", "api:0.1", "api:1"]
+    assert {(r.timeouts, r.retry) for r in rules} == {(api_route.timeouts, api_route.retry)}
     # web-to-api (named source and destination) beats defaults
     assert api_route.timeouts is not None and api_route.timeout == 2.0
     assert api_route.timeouts.per_try == 0.5
@@ -170,13 +176,45 @@ def test_build_tcp_outbound_takes_the_timeout_and_no_retry() -> None:
     mesh, dataplanes, policies = load()
     document = build_all(mesh, dataplanes, policies)["api-1"]
     tcp = route(document, "db")
-    assert set(tcp) == {"cluster", "timeout"}  # the Retry "anyone" has no route here
+    # the Retry "anyone" has no route here; the TCPRoute api-to-db names the clusters
+    assert set(tcp) == {"weighted_clusters", "timeout"}
     assert tcp["timeout"]["connect"] == "1s"
     db = cluster(document, "db")
     assert db["load_balancing"] == {"policy": "round_robin", "prefer_local_zone": False}
     assert db["health_check"]["tcp"] == {}
     chain = from_dict(document).listeners[1].filter_chains[0]
     assert chain.tcp is not None and chain.tcp.idle_timeout == 300.0
+
+
+def test_build_http_route_subsets_hold_the_tagged_instances() -> None:
+    mesh, dataplanes, policies = load()
+    web = build_all(mesh, dataplanes, policies)["web"]
+    v1, v2 = cluster(web, "api~version=v1"), cluster(web, "api~version=v2")
+    assert [e["address"] for e in v1["endpoints"]] == [named(dataplanes, "api-1").address]
+    assert [e["address"] for e in v2["endpoints"]] == [named(dataplanes, "api-2").address]
+    # a subset is the service's instances: the same identity and cluster policies
+    for subset in (v1, v2):
+        whole = cluster(web, "api")
+        assert subset["tls"] == whole["tls"]
+        assert subset["circuit_breaker"] == whole["circuit_breaker"]
+    snapshot = from_dict(web)
+    http = snapshot.listeners[1].filter_chains[0].http
+    assert http is not None
+    routes = http.route_config.virtual_hosts[0].routes
+    split = routes[2].weighted
+    assert split is not None and (split.clusters, split.weights) == (
+        ("api~version=v1", "api~version=v2"),
+        (90, 10),
+    )
+    assert routes[0].match.path.value == "/v2" and routes[-1].weighted is None
+
+
+def test_build_http_route_without_tagged_instances_leaves_the_subset_empty() -> None:
+    mesh, dataplanes, policies = load()
+    untagged = [dataclasses.replace(d, tags={}) if d.service == "api" else d for d in dataplanes]
+    web = build(named(untagged, "web"), mesh, untagged, policies, tls_paths("web"))
+    assert cluster(web, "api~version=v2")["endpoints"] == []
+    from_dict(web)  # an empty subset is a snapshot the proxy runs (503 no_endpoint)
 
 
 def test_build_inbound_policies_rank_the_rules_for_the_dataplane() -> None:
@@ -304,6 +342,8 @@ def test_policy_of_names_every_registered_kind() -> None:
         ("CircuitBreaker", "api-limits", {"web"}),
         ("LoadBalancing", "round-robin", {"web", "api-1", "api-2"}),
         ("HealthCheck", "db-health", {"api-1", "api-2"}),
+        ("HTTPRoute", "web-to-api-canary", {"web"}),
+        ("TCPRoute", "api-to-db", {"api-1", "api-2"}),
         # inbound: the destinations it selects
         ("RateLimit", "everyone", {"web", "api-1", "api-2", "db"}),
         ("RateLimit", "api-v2-from-web", {"api-2"}),
@@ -321,8 +361,8 @@ def test_affected_policy_touches_the_dataplanes_it_selects(
 
 def test_affected_unknown_kind_is_an_error() -> None:
     _, dataplanes, policies = load()
-    with pytest.raises(ValueError, match="no resources of kind 'HTTPRoute'"):
-        affected("HTTPRoute", "r", dataplanes, policies)
+    with pytest.raises(ValueError, match="no resources of kind 'MeshGateway'"):
+        affected("MeshGateway", "r", dataplanes, policies)
 
 
 TRAFFIC = [
@@ -334,6 +374,8 @@ TRAFFIC = [
     ("LoadBalancing", "round-robin"),
     ("LoadBalancing", "web-to-api-local"),
     ("HealthCheck", "db-health"),
+    ("HTTPRoute", "web-to-api-canary"),
+    ("TCPRoute", "api-to-db"),
     ("RateLimit", "everyone"),
     ("RateLimit", "api-v2-from-web"),
     ("FaultInjection", "api-zone-b-aborts"),

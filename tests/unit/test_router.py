@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshling.proxy.router import Router
+from meshling.proxy.router import Router, matches
 from meshling.snapshot import from_dict
-from meshling.snapshot.model import RouteConfig
+from meshling.snapshot.model import HeaderEdits, RouteConfig, RouteMatch
 
 
 def router(virtual_hosts: list[dict[str, Any]]) -> Router:
@@ -105,3 +105,33 @@ def test_router_no_virtual_host_means_no_route() -> None:
         [{"name": "v", "domains": ["*"], "routes": [route("x", "a", path={"prefix": "/api/"})]}]
     )
     assert r2.route(b"h", b"GET", "/other", []) is None
+
+
+def _query_route(query: list[dict[str, object]]) -> RouteMatch:
+    from meshling.snapshot.load import _Node, _route_match
+
+    return _route_match(_Node("s.yaml", "match", {"query": query}))
+
+
+def test_router_query_parameters_match_decoded_values() -> None:
+    beta = _query_route([{"name": "beta", "present": True}])
+    assert matches(beta, b"GET", "/", [], b"beta")
+    assert matches(beta, b"GET", "/", [], b"a=1&beta=")
+    assert not matches(beta, b"GET", "/", [], b"")
+    assert not matches(beta, b"GET", "/", [], b"betamax=1")
+    version = _query_route([{"name": "v", "exact": "2 beta"}, {"name": "u", "regex": "[0-9]+"}])
+    assert matches(version, b"GET", "/", [], b"v=1&v=2+beta&u=42")
+    assert matches(version, b"GET", "/", [], b"u=7&v=2%20beta")
+    assert not matches(version, b"GET", "/", [], b"v=2+beta&u=4x")
+    prefix = _query_route([{"name": "tenant", "prefix": "eu-"}])
+    assert matches(prefix, b"GET", "/", [], b"tenant=eu-west")
+    assert not matches(prefix, b"GET", "/", [], b"tenant=us-east")
+
+
+def test_header_edits_remove_then_set_then_add() -> None:
+    edits = HeaderEdits(
+        add=((b"x-tag", b"b"),), set=((b"x-version", b"2"),), remove=frozenset({b"server"})
+    )
+    fields = [(b"server", b"s"), (b"x-version", b"1"), (b"x-tag", b"a"), (b"x-version", b"0")]
+    assert edits.apply(fields) == [(b"x-tag", b"a"), (b"x-version", b"2"), (b"x-tag", b"b")]
+    assert fields[0] == (b"server", b"s")  # the input is left as it was

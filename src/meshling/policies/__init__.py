@@ -33,8 +33,10 @@ F = TypeVar("F")  # the snapshot fragment
 # - "authz": an inbound chain's `authz` (TrafficPermission, with its own `to_snapshot`);
 # - "route": the outbound route to a destination service (`routes[].<key>`);
 # - "cluster": the outbound cluster of a destination service (`clusters[].<key>`);
-# - "chain": an inbound filter chain, as rules by caller (`filter_chains[].<key>`).
-Attach = Literal["authz", "route", "cluster", "chain"]
+# - "chain": an inbound filter chain, as rules by caller (`filter_chains[].<key>`);
+# - "routes": the outbound's routes themselves (HTTPRoute) or its TCP filter's clusters
+#   (TCPRoute): the builder reads the fragment in place of its one route to the service.
+Attach = Literal["authz", "route", "cluster", "chain", "routes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +73,11 @@ def _registry() -> tuple[PolicyType[Any, Any], ...]:
         circuit_breaker,
         fault_injection,
         health_check,
+        http_route,
         load_balancing,
         rate_limit,
         retry,
+        tcp_route,
         timeout,
         traffic_permission,
     )
@@ -102,6 +106,24 @@ def _registry() -> tuple[PolicyType[Any, Any], ...]:
             attach="chain",
             key="fault",
             fragment=fault_injection.fragment,
+        ),
+        PolicyType(  # which backends of a service a request goes to: the route itself
+            http_route.KIND,
+            http_route.parse_resource,
+            None,
+            http_route.selects,
+            attach="routes",
+            key="http_route",
+            fragment=http_route.fragment,
+        ),
+        PolicyType(  # which backends of a service a connection goes to
+            tcp_route.KIND,
+            tcp_route.parse_resource,
+            None,
+            tcp_route.selects,
+            attach="routes",
+            key="tcp_route",
+            fragment=tcp_route.fragment,
         ),
         PolicyType(  # how long a call to a service may take, every attempt included
             timeout.KIND,

@@ -22,7 +22,8 @@ so the choice never depends on the order the store returned them in.
 
 What "source" and "destination" are depends on where the policy acts:
 
-* **outbound** policies (Timeout, Retry, CircuitBreaker, HealthCheck, LoadBalancing) act
+* **outbound** policies (Timeout, Retry, CircuitBreaker, HealthCheck, LoadBalancing,
+  HTTPRoute, TCPRoute) act
   in the caller's proxy, per destination service: the source is that proxy's dataplane
   (service and tags), the destination is the service it calls (no tags: a cluster holds
   every instance of the service);

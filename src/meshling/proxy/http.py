@@ -273,12 +273,16 @@ class HttpDownstream(Side):
             return
         ex.path = path
         assert chain.router is not None
-        route = chain.router.route(head.host, head.method, path.decode("latin-1"), head.headers)
+        route = chain.router.route(
+            head.host, head.method, path.decode("latin-1"), head.headers, head.query
+        )
         if route is None:
             ex.local_reply(404, "route_not_found")
             return
         ex.route = route
-        cluster = chain.clusters[route.cluster]
+        # a weighted route picks its cluster per request (a split, or weights shifting)
+        weighted = route.weighted
+        cluster = chain.clusters[route.cluster if weighted is None else weighted.pick()]
         refused = cluster.admit()  # CircuitBreaker's max_requests
         if refused is not None:
             ex.local_reply(503, refused)
@@ -462,6 +466,9 @@ class Exchange:
         fields = head.headers
         if _names_other_fields(fields):
             fields = strip_hop_by_hop(fields)
+        route = self.route
+        if route is not None and route.request_headers is not None:
+            fields = route.request_headers.apply(fields)  # the route's HTTPRoute edits
         target = self.path + b"?" + head.query if head.query else self.path
         out = [b"%b %b HTTP/1.1\r\n" % (head.method, target)]
         xff = xfp = request_id = b""
@@ -684,6 +691,9 @@ class Exchange:
         fields = rh.headers
         if _names_other_fields(fields):
             fields = strip_hop_by_hop(fields)
+        route = self.route
+        if route is not None and route.response_headers is not None:
+            fields = route.response_headers.apply(fields)  # the route's HTTPRoute edits
         status = rh.status
         out = [b"HTTP/1.1 %d %b\r\n" % (status, rh.reason or reason_phrase(status))]
         for name, value in fields:
@@ -913,7 +923,10 @@ class Exchange:
         route = self.route
         duration = time.monotonic() - self.start
         route_name = route.name if route is not None else "none"
-        cluster_name = route.cluster if route is not None else "none"
+        if self.cluster is not None:
+            cluster_name = self.cluster.config.name  # the one picked, on a weighted route
+        else:
+            cluster_name = route.cluster if route is not None else "none"
         chain.metrics.http_stats(chain.listener, route_name, cluster_name).record(
             self.status, duration
         )

@@ -326,6 +326,6 @@ def _route_plan(
         b = policy.budget
         chain = exchange.downstream.chain
         budget = RetryBudget(b.ratio, b.min_per_second, b.ttl)
-        stats = chain.metrics.retry_stats(chain.listener, route.name, route.cluster)
+        stats = chain.metrics.retry_stats(chain.listener, route.name, cluster.config.name)
     shared = cluster.retries[route.name] = RouteRetries(route, budget, stats)
     return shared

@@ -7,7 +7,14 @@ host the first route whose match holds wins.
 
 from __future__ import annotations
 
-from meshling.snapshot.model import HeaderMatch, Route, RouteConfig, RouteMatch, VirtualHost
+from meshling.snapshot.model import (
+    HeaderMatch,
+    QueryMatch,
+    Route,
+    RouteConfig,
+    RouteMatch,
+    VirtualHost,
+)
 
 
 def _strip_port(host: str) -> str:
@@ -73,21 +80,31 @@ class Router:
         return self._any
 
     def route(
-        self, host: bytes, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+        self,
+        host: bytes,
+        method: bytes,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        query: bytes = b"",
     ) -> Route | None:
         vh = self.virtual_host(host)
         if vh is None:
             return None
         for route in vh.routes:
-            if matches(route.match, method, path, headers):
+            if matches(route.match, method, path, headers, query):
                 return route
         return None
 
 
 def matches(
-    match: RouteMatch, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+    match: RouteMatch,
+    method: bytes,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    query: bytes = b"",
 ) -> bool:
-    """Does a request (path without the query) satisfy a route's match?"""
+    """Does a request (path without the query; the raw query apart) satisfy a route's
+    match? The query is decoded only for a route that matches on it."""
     pm = match.path
     if pm.kind == "prefix":
         if not path.startswith(pm.value):
@@ -99,7 +116,28 @@ def matches(
         return False
     if match.methods and method not in match.methods:
         return False
-    return all(_header_matches(hm, headers) for hm in match.headers)
+    if not all(_header_matches(hm, headers) for hm in match.headers):
+        return False
+    return not match.query or _query_matches(match.query, query)
+
+
+def _query_matches(wanted: tuple[QueryMatch, ...], query: bytes) -> bool:
+    from urllib.parse import parse_qsl
+
+    params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    for qm in wanted:
+        values = [v for n, v in params if n == qm.name]
+        if qm.kind == "present":
+            found = bool(values)
+        elif qm.kind == "exact":
+            found = qm.value in values
+        elif qm.kind == "prefix":
+            found = any(v.startswith(qm.value) for v in values)
+        else:
+            found = qm.pattern is not None and any(qm.pattern.fullmatch(v) for v in values)
+        if not found:
+            return False
+    return True
 
 
 def _header_matches(hm: HeaderMatch, headers: list[tuple[bytes, bytes]]) -> bool:

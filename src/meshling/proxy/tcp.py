@@ -48,6 +48,8 @@ class TcpDownstream(Side):
         # host for it, both counting it until it ends
         self.admitted: ClusterRuntime | None = None
         self.chosen: Host | None = None
+        # the cluster the connection goes to (picked once, on a weighted filter)
+        self.cluster_name = ""
 
     # -- lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,7 +78,9 @@ class TcpDownstream(Side):
             delay = admitted
         tcp = self.chain.tcp
         assert tcp is not None
-        self.stats = self.chain.metrics.tcp_stats(self.chain.listener, tcp.cluster)
+        weighted = tcp.weighted
+        self.cluster_name = tcp.cluster if weighted is None else weighted.pick()
+        self.stats = self.chain.metrics.tcp_stats(self.chain.listener, self.cluster_name)
         self.stats.cx_total += 1
         self.stats.cx_active += 1
         self.chain.listener_stats.cx_total += 1
@@ -90,7 +94,7 @@ class TcpDownstream(Side):
     async def _connect(self) -> None:
         tcp = self.chain.tcp
         assert tcp is not None
-        cluster = self.chain.clusters[tcp.cluster]
+        cluster = self.chain.clusters[self.cluster_name]
         # A connection is a request to the circuit breaker: over max_requests, it is closed.
         if cluster.admit() is not None:
             self.abort()
@@ -261,9 +265,8 @@ class TcpUpstream(Side):
         if self.closed:
             return
         self.closed = True
-        tcp = self.downstream.chain.tcp
-        assert tcp is not None
-        stats = self.downstream.chain.clusters[tcp.cluster].stats
+        downstream = self.downstream
+        stats = downstream.chain.clusters[downstream.cluster_name].stats
         stats.cx_active -= 1
         if exc is not None:
             # A reset upstream resets downstream too, so the client sees the failure.

@@ -15,17 +15,21 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from meshling.snapshot.model import (
+    DETECT_TIMEOUT,
     AccessLog,
     Admin,
     Cluster,
     DownstreamTls,
     Endpoint,
     FilterChain,
+    HeaderEdits,
     HeaderMatch,
     HttpFilter,
     HttpLimits,
     Listener,
     PathMatch,
+    ProtocolDetection,
+    QueryMatch,
     Route,
     RouteConfig,
     RouteMatch,
@@ -34,13 +38,15 @@ from meshling.snapshot.model import (
     TlsFiles,
     UpstreamTls,
     VirtualHost,
+    WeightedClusters,
 )
 
 T = TypeVar("T")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# '~' and '=' for the subset clusters of a service (`api~version=v2`)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:~=-]{0,127}$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 ACCESS_LOG_FIELDS = (
     "start_time",
@@ -145,7 +151,9 @@ def _str(node: _Node) -> str:
 def _name(node: _Node) -> str:
     value = _str(node)
     if not _NAME.match(value):
-        raise node.error(f"invalid name {value!r}: use letters, digits, '_', '.', ':', '-'")
+        raise node.error(
+            f"invalid name {value!r}: use letters, digits, '_', '.', ':', '~', '=', '-'"
+        )
     return value
 
 
@@ -363,21 +371,153 @@ def _method(node: _Node) -> bytes:
     return value.upper().encode()
 
 
+def _query_match(node: _Node) -> QueryMatch:
+    node.mapping(("name", "exact", "prefix", "regex", "present"))
+    name = node.need("name", _str)
+    given = [k for k in ("exact", "prefix", "regex", "present") if node.has(k)]
+    if len(given) != 1:
+        raise node.error("give exactly one of exact, prefix, regex, present")
+    kind = given[0]
+    if kind == "present":
+        if not node.need("present", _bool):
+            raise node.child("present").error("only `present: true` is supported")
+        return QueryMatch(name, "present")
+    if kind == "regex":
+        pattern = node.need("regex", _regex)
+        return QueryMatch(name, "regex", pattern.pattern, pattern)
+    value = node.child(kind).value
+    if not isinstance(value, str):
+        raise node.child(kind).error(f"expected a string, got {_kind(value)}")
+    return QueryMatch(name, "exact" if kind == "exact" else "prefix", value)
+
+
+# fields the proxy frames or owns: a route's header edits may not touch them
+_OWNED_FIELDS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+    }
+)
+
+
+def _edited_name(node: _Node) -> bytes:
+    name = _str(node).lower()
+    if not _TOKEN.match(name):
+        raise node.error(f"invalid header name {name!r}")
+    if name in _OWNED_FIELDS or name.startswith("x-meshling-"):
+        raise node.error(f"header {name!r} is set by the proxy and cannot be edited")
+    return name.encode()
+
+
+def _header_value(node: _Node) -> bytes:
+    value = node.value
+    if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+        raise node.error("expected a string without CR, LF or NUL")
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise node.error("a header value must be Latin-1 text") from None
+
+
+def _edit_fields(node: _Node) -> tuple[tuple[bytes, bytes], ...]:
+    """{name: value, ...}, in the order given."""
+    if not isinstance(node.value, dict):
+        raise node.error(f"expected a mapping of header names to values, got {_kind(node.value)}")
+    fields = []
+    for key, value in node.value.items():
+        at = f"{node.path}.{key}"
+        fields.append(
+            (
+                _edited_name(_Node(node.source, at, key)),
+                _header_value(_Node(node.source, at, value)),
+            )
+        )
+    return tuple(fields)
+
+
+def _header_edits(node: _Node) -> HeaderEdits:
+    node.mapping(("add", "set", "remove"))
+    edits = HeaderEdits(
+        add=node.get("add", _edit_fields, ()),
+        set=node.get("set", _edit_fields, ()),
+        remove=frozenset(_edited_name(n) for n in node.items("remove", required=False)),
+    )
+    for name, _ in edits.set:
+        if name in edits.remove:
+            raise node.child("remove").error(f"{name.decode()!r} is also set: give one of them")
+    return edits
+
+
 def _route_match(node: _Node) -> RouteMatch:
-    node.mapping(("path", "methods", "headers"))
+    node.mapping(("path", "methods", "headers", "query"))
     return RouteMatch(
         path=node.get("path", _path_match, PathMatch("prefix", "/")),
         methods=frozenset(_method(m) for m in node.items("methods", required=False)),
         headers=tuple(_header_match(h) for h in node.items("headers", required=False)),
+        query=tuple(_query_match(q) for q in node.items("query", required=False)),
     )
 
 
+def _cluster_ref(clusters: dict[str, Cluster]) -> Callable[[_Node], str]:
+    def parse(node: _Node) -> str:
+        cluster = _name(node)
+        if cluster not in clusters:
+            known = ", ".join(sorted(clusters)) or "none"
+            raise node.error(f"unknown cluster {cluster!r} (defined: {known})")
+        return cluster
+
+    return parse
+
+
+def _destination(node: _Node, clusters: dict[str, Cluster]) -> tuple[str, WeightedClusters | None]:
+    """A route's or TCP filter's `cluster`, or its `weighted_clusters` (then the first
+    cluster and the split)."""
+    if node.has("cluster") == node.has("weighted_clusters"):
+        raise node.error("give exactly one of cluster, weighted_clusters")
+    if node.has("cluster"):
+        return node.need("cluster", _cluster_ref(clusters)), None
+    names: list[str] = []
+    weights: list[int] = []
+    for item in node.items("weighted_clusters"):
+        item.mapping(("cluster", "weight"))
+        name = item.need("cluster", _cluster_ref(clusters))
+        if name in names:
+            raise item.child("cluster").error(f"cluster {name!r} is listed twice")
+        names.append(name)
+        weights.append(item.need("weight", _int(0, 1_000_000)))
+    if not names:
+        raise node.child("weighted_clusters").error("expected at least one cluster")
+    if sum(weights) == 0:
+        raise node.child("weighted_clusters").error(
+            "every weight is 0: give at least one cluster a positive weight"
+        )
+    return names[0], WeightedClusters(tuple(names), tuple(weights))
+
+
 def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
-    node.mapping(("name", "match", "cluster", "timeout", "retry"))
-    cluster = node.need("cluster", _name)
-    if cluster not in clusters:
-        known = ", ".join(sorted(clusters)) or "none"
-        raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
+    node.mapping(
+        (
+            "name",
+            "match",
+            "cluster",
+            "weighted_clusters",
+            "timeout",
+            "retry",
+            "request_headers",
+            "response_headers",
+        )
+    )
+    cluster, weighted = _destination(node, clusters)
     # `timeout` is the total as a duration, or the Timeout policy's fragment as a mapping
     timeouts = _timeouts(node.child("timeout"))
     retry = None
@@ -393,6 +533,9 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
         timeout=timeouts.request if timeouts is not None else node.get("timeout", _duration, 15.0),
         timeouts=timeouts,
         retry=retry,
+        weighted=weighted,
+        request_headers=node.get("request_headers", _header_edits, None),
+        response_headers=node.get("response_headers", _header_edits, None),
     )
 
 
@@ -475,11 +618,8 @@ def _http_filter(node: _Node, clusters: dict[str, Cluster]) -> HttpFilter:
 
 
 def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
-    node.mapping(("cluster", "idle_timeout", "timeout"))
-    cluster = node.need("cluster", _name)
-    if cluster not in clusters:
-        known = ", ".join(sorted(clusters)) or "none"
-        raise node.child("cluster").error(f"unknown cluster {cluster!r} (defined: {known})")
+    node.mapping(("cluster", "weighted_clusters", "idle_timeout", "timeout"))
+    cluster, weighted = _destination(node, clusters)
     idle = node.get("idle_timeout", _duration, 3600.0)
     # The Timeout fragment: its `idle` and `connect` apply (a TCP chain has no requests).
     timeouts = None
@@ -500,13 +640,27 @@ def _tcp_filter(node: _Node, clusters: dict[str, Cluster]) -> TcpFilter:
         cluster=cluster,
         idle_timeout=idle,
         connect_timeout=timeouts.connect if timeouts is not None else 0.0,
+        weighted=weighted,
     )
 
 
 def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
-    node.mapping(("name", "http", "tcp", "tls", "authz", "rate_limit", "fault"))
-    if node.has("http") == node.has("tcp"):
-        raise node.error("give exactly one of http, tcp")
+    node.mapping(
+        (
+            "name",
+            "protocol",
+            "detect_timeout",
+            "http",
+            "tcp",
+            "tls",
+            "authz",
+            "rate_limit",
+            "fault",
+        )
+    )
+    detection = _detection(node)
+    if detection is None and node.has("http") == node.has("tcp"):
+        raise node.error("give exactly one of http, tcp (or both with protocol: auto)")
     authz = rate_limit = fault = None
     if node.has("authz"):
         # Imported only when used: it brings the SPIFFE parsing along.
@@ -529,7 +683,34 @@ def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
         http=node.get("http", lambda n: _http_filter(n, clusters), None),
         tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),
         tls=node.get("tls", _downstream_tls, None),
+        detection=detection,
     )
+
+
+def _detection(node: _Node) -> ProtocolDetection | None:
+    """A chain's `protocol: auto` and `detect_timeout`; None for a declared protocol."""
+    protocol = node.get("protocol", _choice("http", "tcp", "auto"), None)
+    if protocol != "auto":
+        if node.has("detect_timeout"):
+            raise node.child("detect_timeout").error("only a chain with protocol: auto detects")
+        if protocol is not None and not node.has(protocol):
+            raise node.child("protocol").error(f"protocol: {protocol} needs the {protocol} block")
+        return None
+    for block in ("http", "tcp"):
+        if not node.has(block):
+            raise node.error(
+                f"protocol: auto needs both http (for HTTP/1) and tcp (for the rest); "
+                f"{block} is missing"
+            )
+    if node.has("tls"):
+        # Inside TLS the protocol would have to be detected again, after the handshake.
+        raise node.child("tls").error(
+            "protocol detection on a TLS chain is not supported yet: declare http or tcp"
+        )
+    timeout = node.get("detect_timeout", _duration, DETECT_TIMEOUT)
+    if timeout <= 0:
+        raise node.child("detect_timeout").error("must be more than 0")
+    return ProtocolDetection(timeout=timeout)
 
 
 def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:

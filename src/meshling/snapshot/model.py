@@ -8,7 +8,10 @@ validates every field and names the field path of anything wrong.
 
 from __future__ import annotations
 
+import random
 import re
+from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -27,6 +30,10 @@ HeaderMatchKind = Literal["exact", "prefix", "regex", "present"]
 EscapedSlashes = Literal["keep", "reject", "unescape"]
 LbPolicy = Literal["round_robin"]
 Protocol = Literal["http", "tcp"]
+ChainProtocol = Literal["http", "tcp", "auto"]
+# Long enough for a client's first write after connecting, short enough to add little to
+# the first connection of a server-speaks-first protocol, which waits this out.
+DETECT_TIMEOUT = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +127,84 @@ class HeaderMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """A query parameter (decoded; several of one name: any of them may match)."""
+
+    name: str
+    kind: HeaderMatchKind
+    value: str = ""
+    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path: PathMatch = PathMatch("prefix", "/")
     methods: frozenset[bytes] = frozenset()  # empty: any method
     headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()  # empty: the query is not read
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """Changes to the header fields of a request or response (lower-case names): drop
+    the fields named by `remove` and `set`, then append `set` and `add`."""
+
+    # appended, keeping the fields of the same name
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    # replacing every field of the same name
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    # dropped
+    remove: frozenset[bytes] = frozenset()
+    dropped: frozenset[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dropped", self.remove | {name for name, _ in self.set})
+
+    def apply(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        dropped = self.dropped
+        kept = [f for f in fields if f[0] not in dropped] if dropped else list(fields)
+        kept.extend(self.set)
+        kept.extend(self.add)
+        return kept
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedClusters:
+    """Several clusters sharing a route's (or a TCP filter's) traffic by weight.
+
+    A pick is one random draw and a binary search over the cumulative weights, so it
+    costs the same for two clusters or twenty. A cluster of weight 0 is never picked.
+    """
+
+    clusters: tuple[str, ...]
+    weights: tuple[int, ...]
+    # running sums of `weights`; the last one is the total (> 0, checked by the loader)
+    cumulative: tuple[int, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sums: list[int] = []
+        total = 0
+        for weight in self.weights:
+            total += weight
+            sums.append(total)
+        object.__setattr__(self, "cumulative", tuple(sums))
+
+    def pick(self, draw: Callable[[], float] = random.random) -> str:
+        """The cluster for one request or connection; `draw` returns a float in [0, 1)."""
+        cumulative = self.cumulative
+        # bisect_right skips the clusters of weight 0: their sum equals the previous one
+        return self.clusters[bisect_right(cumulative, draw() * cumulative[-1])]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Requests that match go to one cluster; the first matching route wins."""
+    """Requests that match go to one cluster (or one of `weighted`, picked per request);
+    the first matching route wins."""
 
     name: str
     match: RouteMatch
+    # the cluster; with `weighted`, its first cluster (the one metrics name when none
+    # was picked, as for a request refused before it)
     cluster: str
     # total time for the upstream to answer (504 after it); 0 disables
     timeout: float = 15.0
@@ -140,6 +213,11 @@ class Route:
     timeouts: Timeouts | None = None
     # the Retry policy's fragment; None: an attempt that fails is the answer
     retry: RetryPolicy | None = None
+    # `weighted_clusters`: the clusters sharing the route's requests; None: `cluster`
+    weighted: WeightedClusters | None = None
+    # changes to the request forwarded upstream, and to the response sent back
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +261,27 @@ class HttpFilter:
 
 @dataclass(frozen=True, slots=True)
 class TcpFilter:
-    """Opaque byte forwarding to one cluster."""
+    """Opaque byte forwarding to one cluster (or one of `weighted`, per connection)."""
 
+    # the cluster; with `weighted`, its first cluster
     cluster: str
     # a connection with no bytes in either direction for this long is closed
     idle_timeout: float = 3600.0
     # seconds to connect to an endpoint (`timeout.connect`); 0: the cluster's
     connect_timeout: float = 0.0
+    # `weighted_clusters`: the clusters sharing the connections; None: `cluster`
+    weighted: WeightedClusters | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolDetection:
+    """A chain declared `protocol: auto`: HTTP/1 takes the `http` filter, the rest `tcp`.
+
+    The protocol is told from the client's first bytes (`proxy.detect`); a client that
+    sends nothing within `timeout` (a server-speaks-first protocol) is served as TCP.
+    """
+
+    timeout: float = DETECT_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +296,13 @@ class FilterChain:
     rate_limit: RateLimitConfig | None = None
     # delays, aborts and slow responses for callers (FaultInjection); None: none
     fault: FaultConfig | None = None
+    # `protocol: auto` (both `http` and `tcp` given); None: the one filter given decides
+    detection: ProtocolDetection | None = None
 
     @property
-    def protocol(self) -> Protocol:
+    def protocol(self) -> ChainProtocol:
+        if self.detection is not None:
+            return "auto"
         return "http" if self.http is not None else "tcp"
 
 

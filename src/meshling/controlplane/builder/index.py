@@ -6,7 +6,8 @@ snapshots: reading the mesh again for each makes a change touching every proxy c
 O(N²). The index reads it once, from the same inputs `build` takes (dataplanes and
 policies of any mesh; those of other meshes are left out here), into:
 
-* **endpoints** per service: the (address, port) of every inbound of its dataplanes,
+* **endpoints** per service (or subset cluster, `api~version=v2`: the dataplanes of
+  the service carrying the tags): the (address, port) of every inbound of its dataplanes,
   deduplicated and in the snapshot's order (numeric by address, IPv4 first, then port),
   each with the names of the dataplanes listing it, so a snapshot can leave itself out;
   and their canonical JSON, spliced into the text of every snapshot with an outbound to
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 from meshling.controlplane.builder.canonical import canonical_json
 from meshling.controlplane.resources import Dataplane, Mesh
 from meshling.policies import POLICIES, PolicyType, traffic_permission
+from meshling.policies.backends import subset_of
 from meshling.policies.matching import ANY, best_match
 from meshling.policies.traffic_permission import AuthzConfig, TrafficPermission
 
@@ -86,10 +88,12 @@ def policy_of(resource: object) -> PolicyType[Any, Any] | None:
 @dataclass(frozen=True, slots=True)
 class OutboundPolicies:
     """The fragments of the policies governing one (caller, destination service) pair:
-    by key, those for the route (`routes[].<key>`) and those for the cluster."""
+    by key, those for the route (`routes[].<key>`), those for the cluster, and those
+    replacing the route itself (HTTPRoute, TCPRoute: `attach="routes"`)."""
 
     route: Mapping[str, Any] = field(default_factory=dict)
     cluster: Mapping[str, Any] = field(default_factory=dict)
+    routes: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def zones(self) -> bool:
@@ -197,7 +201,11 @@ class MeshIndex:
             listings: dict[tuple[str, int], set[str]] = {}
             zones: dict[tuple[str, int], set[str | None]] = {}
             listed_by = set()
-            for dataplane in self._by_service.get(service, ()):
+            # a subset cluster (`api~version=v2`): the instances carrying its tags
+            name, tags = subset_of(service)
+            for dataplane in self._by_service.get(name, ()):
+                if any(dataplane.tags.get(k) != v for k, v in tags.items()):
+                    continue
                 if dataplane.inbounds:
                     listed_by.add(dataplane.name)
                 zone = dataplane.tags.get(ZONE_TAG) or None
@@ -228,17 +236,22 @@ class MeshIndex:
         if found is None:
             route: dict[str, Any] = {}
             cluster: dict[str, Any] = {}
+            routes: dict[str, Any] = {}
             caller = (dataplane.service, dataplane.tags)
             for kind, resources in self._traffic:
-                if kind.attach not in ("route", "cluster"):
+                if kind.attach not in ("route", "cluster", "routes"):
                     continue
                 governing = best_match(
                     self._selecting_service(kind, resources, service), caller, (service, {})
                 )
                 if governing is not None:
-                    into = route if kind.attach == "route" else cluster
+                    into = {"route": route, "cluster": cluster, "routes": routes}[kind.attach]
                     into[kind.key] = self._fragment(kind, governing)
-            found = OutboundPolicies(route, cluster) if route or cluster else NO_OUTBOUND_POLICIES
+            found = (
+                OutboundPolicies(route, cluster, routes)
+                if route or cluster or routes
+                else NO_OUTBOUND_POLICIES
+            )
             self._outbound[key] = found
         return found
 

@@ -29,6 +29,12 @@ only where a resource governs:
   and its fragment goes into the outbound's route (a TCP outbound has no route: the
   kinds of `index.TCP_ROUTE_KEYS` go into its `tcp` filter, the others are not placed)
   or into the destination's cluster;
+* **routes** kinds (HTTPRoute, TCPRoute) act in the caller like route kinds, but in
+  place of the route: an HTTPRoute's rules become routes before the one to the whole
+  service (each with the route kinds' fragments), a TCPRoute's backends the `tcp`
+  filter's `weighted_clusters`; every backend cluster is added, a subset
+  (`api~version=v2`) with the service's identity and cluster policies and, as endpoints,
+  the service's dataplanes carrying its tags;
 * **chain** kinds (RateLimit, FaultInjection) act in the called: every inbound chain of
   the dataplane gets the rules of the resources selecting it (its service and tags),
   mTLS on or off (a `"*"` rule holds plaintext callers too).
@@ -64,6 +70,7 @@ from meshling.controlplane.builder.index import (
 )
 from meshling.controlplane.resources import Dataplane, Inbound, Mesh, Outbound
 from meshling.identity.spiffe import SpiffeId
+from meshling.policies.backends import subset_of
 from meshling.snapshot.model import TlsFiles
 
 INBOUND_ADDRESS = "0.0.0.0"
@@ -190,7 +197,10 @@ def _body(
     for inbound in sorted(dataplane.inbounds, key=lambda i: i.port):
         cluster = _local_cluster(inbound)
         clusters[cluster["name"]] = cluster
-        chain = _chain(inbound.protocol, f"inbound:{inbound.port}", "local", cluster["name"])
+        # Detection does not look inside TLS yet: with mTLS on, an auto inbound is opaque
+        # (the caller's outbound, on plaintext from its app, still detects).
+        protocol = "tcp" if inbound.protocol == "auto" and tls is not None else inbound.protocol
+        chain = _chain(protocol, f"inbound:{inbound.port}", "local", cluster["name"])
         # fresh dicts per chain: a shared one would come out as a YAML alias
         if inbound_policies:
             chain = {**_fresh(inbound_policies), **chain}
@@ -201,9 +211,15 @@ def _body(
     zoned = False
     for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
         policies = index.outbound(dataplane, outbound.service)
-        cluster = _service_cluster(outbound, mesh, tls, policies)
+        cluster = _service_cluster(outbound.service, mesh, tls, policies)
         zoned = zoned or policies.zones
         clusters[cluster["name"]] = cluster
+        # the backends of a route policy: subsets of the service, or other services
+        for backend in _backend_clusters(outbound.protocol, policies):
+            if backend not in clusters:
+                backend_policies = index.outbound(dataplane, subset_of(backend)[0])
+                clusters[backend] = _service_cluster(backend, mesh, tls, backend_policies)
+                zoned = zoned or backend_policies.zones
         name = f"outbound:{outbound.service}"
         chain = _chain(outbound.protocol, name, outbound.service, outbound.service, policies)
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
@@ -236,18 +252,64 @@ def _chain(
     policies: OutboundPolicies | None = None,
 ) -> dict[str, Any]:
     on_route = policies.route if policies is not None else {}
+    if protocol == "auto":
+        # both paths, the first bytes of each connection choosing between them
+        return {
+            "protocol": "auto",
+            **_chain("http", route_config, route, cluster, policies),
+            **_chain("tcp", route_config, route, cluster, policies),
+        }
+    routing = policies.routes if policies is not None else {}
     if protocol == "tcp":
-        tcp = {"cluster": cluster}
+        split = routing.get("tcp_route")
+        tcp: dict[str, Any] = {"cluster": cluster}
+        if split is not None:
+            tcp = {"weighted_clusters": _fresh(split["weighted_clusters"])}
         tcp.update(_fresh({k: v for k, v in on_route.items() if k in TCP_ROUTE_KEYS}))
         return {"tcp": tcp}
-    # one virtual host for any Host and one route for any path: the app addresses its
-    # destination by port, and per-path routing arrives with the HTTPRoute policy
-    virtual_host = {
-        "name": route,
-        "domains": ["*"],
-        "routes": [{"name": route, "cluster": cluster, **_fresh(on_route)}],
-    }
+    # one virtual host for any Host (the app addresses its destination by port); an
+    # HTTPRoute's rules come first, then one route for any path to the whole service
+    routes = [{"name": route, "cluster": cluster, **_fresh(on_route)}]
+    http_route = routing.get("http_route")
+    if http_route is not None:
+        routes = [*_rule_routes(route, http_route["rules"], on_route), *routes]
+    virtual_host = {"name": route, "domains": ["*"], "routes": routes}
     return {"http": {"route_config": {"name": route_config, "virtual_hosts": [virtual_host]}}}
+
+
+def _rule_routes(
+    route: str, rules: list[dict[str, Any]], on_route: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The routes of an HTTPRoute's rules: one per match (`<service>:<rule>` or, for a
+    rule of several matches, `<service>:<rule>.<match>`), each with the route policies."""
+    routes: list[dict[str, Any]] = []
+    for i, rule in enumerate(rules):
+        matches: list[Any] = rule["matches"] or [None]
+        for j, match in enumerate(matches):
+            document: dict[str, Any] = {
+                "name": f"{route}:{i}" if len(matches) == 1 else f"{route}:{i}.{j}"
+            }
+            if match is not None:
+                document["match"] = _fresh(match)
+            document["weighted_clusters"] = _fresh(rule["weighted_clusters"])
+            for key in ("request_headers", "response_headers"):
+                if key in rule:
+                    document[key] = _fresh(rule[key])
+            document.update(_fresh(on_route))
+            routes.append(document)
+    return routes
+
+
+def _backend_clusters(protocol: str, policies: OutboundPolicies) -> list[str]:
+    """The clusters an outbound's route policies send to (an HTTPRoute's on an HTTP
+    path, a TCPRoute's on a TCP one; "auto" has both)."""
+    routing = policies.routes
+    rules: list[Any] = []
+    if protocol != "tcp" and "http_route" in routing:
+        rules.extend(routing["http_route"]["rules"])
+    if protocol != "http" and "tcp_route" in routing:
+        rules.append(routing["tcp_route"])
+    return sorted({c["cluster"] for rule in rules for c in rule["weighted_clusters"]})
 
 
 def _local_cluster(inbound: Inbound) -> dict[str, Any]:
@@ -258,12 +320,14 @@ def _local_cluster(inbound: Inbound) -> dict[str, Any]:
 
 
 def _service_cluster(
-    outbound: Outbound, mesh: Mesh, tls: TlsFiles | None, policies: OutboundPolicies
+    name: str, mesh: Mesh, tls: TlsFiles | None, policies: OutboundPolicies
 ) -> dict[str, Any]:
+    """The cluster of a service, or of a subset of it (`api~version=v2`: the same
+    identity, fewer endpoints)."""
     endpoints = _FROM_INDEX_WITH_ZONES if policies.zones else _FROM_INDEX
-    cluster: dict[str, Any] = {"name": outbound.service, "endpoints": endpoints}
+    cluster: dict[str, Any] = {"name": name, "endpoints": endpoints}
     if tls is not None:
-        identity = SpiffeId.for_service(mesh.name, outbound.service)
+        identity = SpiffeId.for_service(mesh.name, subset_of(name)[0])
         cluster["tls"] = {**_files(tls), "identity": str(identity)}
     cluster.update(_fresh(policies.cluster))
     return cluster
