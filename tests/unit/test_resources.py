@@ -169,7 +169,7 @@ def test_parse_dataplane_resources_are_hashable() -> None:
         (
             lambda d: d["spec"]["inbounds"][1].update(protocol="grpc"),
             "spec.inbounds[1].protocol",
-            "must be one of http, tcp, got 'grpc'",
+            "must be one of http, tcp, auto, got 'grpc'",
         ),
         (
             lambda d: d["spec"]["outbounds"][0].update(service="*"),

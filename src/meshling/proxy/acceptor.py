@@ -1,4 +1,4 @@
-"""Accepting connections on a TLS listener: sniffing, handshakes, and their failures.
+"""Accepting connections ourselves: TLS and protocol sniffing, handshakes, their failures.
 
 `loop.create_server(ssl=...)` hides failed handshakes and cannot serve TLS and
 plaintext on one port, so TLS listeners accept sockets themselves. In
@@ -10,6 +10,9 @@ A TLS connection that arrives after the proxy's own certificate expired is close
 before any handshake (`own_certificate_expired`): a listener that cannot prove who it is
 serves no new TLS client. Plaintext on a permissive port needs no certificate and is
 served as before.
+
+A `protocol: auto` listener is accepted the same way, so that the first bytes can choose
+between the HTTP and the TCP path before either sees the connection.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from meshling.proxy.detect import PEEK_BYTES, classify
 from meshling.proxy.tls import handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -33,6 +37,8 @@ log = logging.getLogger("meshling.proxy")
 TLS_HANDSHAKE = 0x16
 # Sockets taken from the kernel per wake-up, so one busy listener cannot starve the loop.
 ACCEPT_BATCH = 64
+# How often a protocol: auto listener looks again at a first segment too short to decide.
+DETECT_POLL = 0.005
 
 
 class AlertingTlsProtocol(SSLProtocol):
@@ -165,3 +171,79 @@ class TlsAcceptor:
             self.sock = None
         for task in list(self.pending):
             task.cancel()
+
+
+class DetectingAcceptor(TlsAcceptor):
+    """Accepting on a `protocol: auto` listener: HTTP/1 to the http filter, the rest to tcp.
+
+    The client's first bytes are peeked at (MSG_PEEK, so they stay in the socket for the
+    protocol that takes it over) until `detect.classify` decides. HTTP/2 with prior
+    knowledge and TLS are passed through as TCP. A client that sends nothing decisive
+    within the chain's detection timeout is served as TCP: that is how a
+    server-speaks-first protocol, whose client waits for the server's greeting, works.
+    """
+
+    def __init__(
+        self,
+        runtime: ListenerRuntime,
+        make_http: Callable[[ChainRuntime], asyncio.Protocol],
+        make_tcp: Callable[[ChainRuntime], asyncio.Protocol],
+    ) -> None:
+        super().__init__(runtime, make_tcp)
+        self.make_http = make_http
+
+    async def _serve(self, conn: socket.socket) -> None:
+        chain = self.runtime.chain
+        detection = chain.detection
+        stats = chain.detection_stats
+        assert detection is not None and stats is not None
+        started = time.monotonic()
+        try:
+            data = await self._peek_bytes(conn, detection.timeout)
+            if data == b"":
+                conn.close()  # closed (or failed) before saying anything
+                return
+            protocol = classify(data) if data is not None else None
+            while data is not None and protocol is None:
+                # A first segment too short to decide: the bytes stay readable, so wait
+                # for more by polling instead of by readiness, until the deadline.
+                remaining = started + detection.timeout - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(DETECT_POLL, remaining))
+                data = self._peek_now(conn)
+                protocol = classify(data) if data else None
+            stats.record(protocol or "opaque", time.monotonic() - started, protocol is None)
+            make = self.make_http if protocol == "http1" else self.make
+            await self.loop.connect_accepted_socket(lambda: make(chain), conn)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except OSError as exc:
+            log.debug("connection on %s lost while detecting: %s", self.runtime.config.name, exc)
+            conn.close()
+
+    async def _peek_bytes(self, conn: socket.socket, timeout: float) -> bytes | None:
+        """What the client sent first, left in the socket; None if nothing came in time."""
+        ready = self.loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        fd = conn.fileno()
+        self.loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self.loop.remove_reader(fd)
+        return self._peek_now(conn)
+
+    def _peek_now(self, conn: socket.socket) -> bytes:
+        """The bytes waiting in the socket, left there; b"" at the end or on an error."""
+        try:
+            return conn.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:
+            return b""

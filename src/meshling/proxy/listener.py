@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from meshling.proxy.deadlines import Deadlines
     from meshling.proxy.inbound import InboundPolicies
     from meshling.proxy.tls import ServerTls
-    from meshling.snapshot.model import HttpFilter, Listener, TcpFilter
+    from meshling.snapshot.model import (
+        ChainProtocol,
+        HttpFilter,
+        Listener,
+        ProtocolDetection,
+        TcpFilter,
+    )
     from meshling.telemetry.accesslog import AccessLogWriter
     from meshling.telemetry.metrics import ListenerStats, Metrics
 
@@ -48,6 +54,8 @@ class ChainRuntime:
         "authz_stats",
         "clusters",
         "deadlines",
+        "detection",
+        "detection_stats",
         "draining",
         "http",
         "inbound",
@@ -75,6 +83,11 @@ class ChainRuntime:
         self.listener = listener.name
         self.http: HttpFilter | None = chain.http
         self.tcp: TcpFilter | None = chain.tcp
+        # protocol: auto; None when the chain's one filter serves every connection
+        self.detection: ProtocolDetection | None = chain.detection
+        self.detection_stats = (
+            metrics.detection_stats(listener.name) if chain.detection is not None else None
+        )
         self.router = Router(chain.http.route_config) if chain.http is not None else None
         self.clusters = clusters
         self.metrics = metrics
@@ -132,18 +145,31 @@ class ListenerRuntime:
         self.acceptor: TlsAcceptor | None = None
 
     @property
-    def kind(self) -> tuple[bool, bool]:
-        """What the socket is bound for (HTTP or TCP, TLS or not): fixed for its lifetime."""
-        return self.chain.http is not None, self.chain.tls is not None
+    def kind(self) -> tuple[ChainProtocol, bool]:
+        """What the socket is bound for (HTTP, TCP or auto; TLS or not): fixed for its
+        lifetime."""
+        return chain_kind(self.chain)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        connections = self.connections
+        if self.chain.detection is not None:
+            from meshling.proxy.acceptor import DetectingAcceptor
+            from meshling.proxy.http import HttpDownstream
+            from meshling.proxy.tcp import TcpDownstream
+
+            self.acceptor = DetectingAcceptor(
+                self,
+                lambda chain: HttpDownstream(chain, connections),
+                lambda chain: TcpDownstream(chain, connections),
+            )
+            self.acceptor.start()
+            return
         # The protocol is fixed per listener address, so it is chosen once, here.
         if self.chain.http is not None:
             from meshling.proxy.http import HttpDownstream as downstream
         else:
             from meshling.proxy.tcp import TcpDownstream as downstream  # type: ignore[assignment]
-        connections = self.connections
 
         if self.chain.tls is not None:
             from meshling.proxy.acceptor import TlsAcceptor
@@ -167,3 +193,10 @@ class ListenerRuntime:
             self.server.close()
         if self.acceptor is not None:
             self.acceptor.close()
+
+
+def chain_kind(chain: ChainRuntime) -> tuple[ChainProtocol, bool]:
+    """The protocol (http, tcp or auto) and whether TLS: what a bound socket serves."""
+    if chain.detection is not None:
+        return "auto", chain.tls is not None
+    return ("http" if chain.http is not None else "tcp"), chain.tls is not None

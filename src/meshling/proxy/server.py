@@ -24,7 +24,7 @@ from meshling.proxy.balancer import HostRegistry
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
 from meshling.proxy.deadlines import Deadlines
 from meshling.proxy.health import HealthCheckers
-from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime
+from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime, chain_kind
 from meshling.snapshot import Snapshot, SnapshotError, load
 from meshling.snapshot.model import Listener
 from meshling.telemetry.accesslog import AccessLogWriter
@@ -169,10 +169,7 @@ class Proxy:
         chains = self._chains(snapshot, access_log)
         for key, runtime in list(self.listeners.items()):
             new = chains.get(key)
-            if (
-                new is not None
-                and (new[1].http is not None, new[1].tls is not None) != runtime.kind
-            ):
+            if new is not None and chain_kind(new[1]) != runtime.kind:
                 # Same address, other protocol or TLS: the socket is rebound for the new one.
                 runtime.stop_accepting()
                 del self.listeners[key]

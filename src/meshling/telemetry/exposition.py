@@ -17,7 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from meshling.telemetry.metrics import BUCKETS, STATUS_CLASSES, Metrics
+from meshling.telemetry.metrics import BUCKETS, DETECT_BUCKETS, STATUS_CLASSES, Metrics
 
 
 def registry(metrics: Metrics) -> CollectorRegistry:
@@ -299,6 +299,7 @@ class _Collector(Collector):
             for (rule, fault), n in list(fs.injected.items()):
                 faults.add_metric([listener, rule, fault], n)
         yield faults
+        yield from _detection(m)
 
         retries = CounterMetricFamily(
             "meshling_http_retries",
@@ -371,3 +372,33 @@ class _Collector(Collector):
             "When the proxy's own certificate from the control plane expires (Unix time).",
             value=cp.certificate_expiry,
         )
+
+
+def _detection(m: Metrics) -> Iterator[Metric]:
+    detections = CounterMetricFamily(
+        "meshling_protocol_detections",
+        "Connections to a protocol: auto listener, by the protocol detected "
+        "(http1, h2, tls, opaque).",
+        labels=["listener", "protocol"],
+    )
+    timeouts = CounterMetricFamily(
+        "meshling_protocol_detection_timeouts",
+        "Connections whose client sent nothing decisive within the detection timeout "
+        "(served as TCP).",
+        labels=["listener"],
+    )
+    duration = HistogramMetricFamily(
+        "meshling_protocol_detection_duration_seconds",
+        "Time from accepting a connection to knowing its protocol (or timing out).",
+        labels=["listener"],
+    )
+    for listener, ds in list(m.detection.items()):
+        for protocol, n in list(ds.detected.items()):
+            detections.add_metric([listener, protocol], n)
+        timeouts.add_metric([listener], ds.timeouts)
+        cumulative, acc = [], 0
+        for bound, n in zip((*map(str, DETECT_BUCKETS), "+Inf"), ds.buckets, strict=True):
+            acc += n
+            cumulative.append((bound, acc))
+        duration.add_metric([listener], cumulative, ds.sum)
+    yield from (detections, timeouts, duration)

@@ -67,6 +67,33 @@ class ListenerStats:
         self.protocol_errors: dict[int, int] = {}
 
 
+# Protocol detection times in seconds: a client's first bytes arrive within a round trip;
+# the last buckets hold the timeouts of server-speaks-first protocols.
+DETECT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class DetectionStats:
+    """Protocol detection on one `auto` listener: results, timeouts, time taken."""
+
+    __slots__ = ("buckets", "count", "detected", "sum", "timeouts")
+
+    def __init__(self) -> None:
+        # connections by the protocol they were told to speak
+        self.detected: dict[str, int] = {}
+        # connections whose client sent nothing decisive in time (served as TCP)
+        self.timeouts = 0
+        self.buckets = [0] * (len(DETECT_BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def record(self, protocol: str, duration: float, timed_out: bool) -> None:
+        self.detected[protocol] = self.detected.get(protocol, 0) + 1
+        self.timeouts += timed_out
+        self.buckets[bisect_left(DETECT_BUCKETS, duration)] += 1
+        self.count += 1
+        self.sum += duration
+
+
 class ClusterStats:
     """Upstream connections of one cluster, and the failures that never reached an endpoint."""
 
@@ -232,6 +259,7 @@ class Metrics:
         self.authz: dict[str, AuthzStats] = {}
         self.rate_limit: dict[str, RateLimitStats] = {}
         self.fault: dict[str, FaultStats] = {}
+        self.detection: dict[str, DetectionStats] = {}
         self.retry: dict[tuple[str, str, str], RetryStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
@@ -298,6 +326,12 @@ class Metrics:
         stats = self.fault.get(listener)
         if stats is None:
             stats = self.fault[listener] = FaultStats()
+        return stats
+
+    def detection_stats(self, listener: str) -> DetectionStats:
+        stats = self.detection.get(listener)
+        if stats is None:
+            stats = self.detection[listener] = DetectionStats()
         return stats
 
     def render(self) -> bytes:

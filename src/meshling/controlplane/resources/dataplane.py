@@ -8,7 +8,7 @@ spec:
   address: 10.0.0.7            # where other proxies reach this one
   tags: {version: v1, zone: a}
   inbounds:                    # proxy port (mesh side) -> the local app's port
-    - {port: 15006, service_port: 8080, protocol: http}     # http | tcp (default)
+    - {port: 15006, service_port: 8080, protocol: http}     # http | tcp (default) | auto
   outbounds:                   # local port the app calls -> a destination service
     - {port: 15001, service: web, protocol: http}
   admin: {port: 9901}          # loopback only; default 9901
@@ -30,7 +30,8 @@ from meshling.snapshot.load import _address, _int, _Node
 KIND = "Dataplane"
 DEFAULT_ADMIN_PORT = 9901
 
-Protocol = Literal["http", "tcp"]
+# auto: told apart per connection from the first bytes (HTTP/1 as http, the rest as tcp)
+Protocol = Literal["http", "tcp", "auto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,9 @@ def _protocol(node: _Node) -> Protocol:
         return "http"
     if node.value == "tcp":
         return "tcp"
-    raise node.error(f"must be one of http, tcp, got {node.value!r}")
+    if node.value == "auto":
+        return "auto"
+    raise node.error(f"must be one of http, tcp, auto, got {node.value!r}")
 
 
 def _inbound(node: _Node) -> Inbound:
