@@ -262,3 +262,70 @@ def test_routing_query_match_and_header_edits(start_proxy) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_routing_direct_response_redirect_and_rewrite(start_proxy) -> None:
+    upstream = _upstream(b"up")
+    try:
+        port, admin = free_port(), free_port()
+        routes = [
+            {
+                "name": "closed",
+                "match": {"path": {"prefix": "/closed"}},
+                "direct_response": {"status": 503, "body": "closed for maintenance\n"},
+            },
+            {
+                "name": "empty",
+                "match": {"path": {"exact": "/empty"}},
+                "direct_response": {"status": 204},
+            },
+            {
+                "name": "moved",
+                "match": {"path": {"prefix": "/moved"}},
+                "redirect": {"host": "new.example", "path": "/landing", "status": 302},
+            },
+            {
+                "name": "tls",
+                "match": {"path": {"prefix": "/secure"}},
+                "redirect": {"scheme": "https"},
+            },
+            {
+                "name": "v1",
+                "match": {"path": {"prefix": "/v1/"}},
+                "cluster": "up",
+                "rewrite": {"prefix": "/api/v2/"},
+            },
+            {"name": "rest", "cluster": "up"},
+        ]
+        proxy = start_proxy(http_snapshot(port, admin, [upstream.port], routes=routes))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/closed/now", headers={"host": "shop:8080"})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (503, b"closed for maintenance\n")
+        assert response.getheader("content-type") == "text/plain"
+        assert response.getheader("content-length") == "23"
+        conn.request("POST", "/empty", body=b"ignored")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (204, b"")
+        conn.request("GET", "/moved/x?a=1&b=2", headers={"host": "shop:8080"})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (302, b"")
+        assert response.getheader("location") == "http://new.example:8080/landing?a=1&b=2"
+        conn.request("GET", "/secure/page?k=v", headers={"host": "shop"})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (301, b"")
+        assert response.getheader("location") == "https://shop/secure/page?k=v"
+        assert upstream.connections == 0 and not upstream.received
+        # the keep-alive connection still forwards: the matched prefix is rewritten
+        conn.request("GET", "/v1/users/7?full=1")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"up")
+        assert bytes(upstream.received).startswith(b"GET /api/v2/users/7?full=1 HTTP/1.1\r\n")
+        conn.request("GET", "/v1x")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"up")
+        assert b"GET /v1x HTTP/1.1\r\n" in bytes(upstream.received)
+        conn.close()
+        assert proxy.proc.poll() is None
+    finally:
+        upstream.close()

@@ -62,8 +62,11 @@ def test_route_fragment_matches_golden(path: Path) -> None:
 def test_http_route_rules_keep_their_order_and_matches() -> None:
     path = POLICIES / "http_route" / "testdata" / "canary.resource.yaml"
     route = http_route.parse_resource(yaml.safe_load(path.read_text()), str(path))
-    assert [len(rule.matches) for rule in route.rules] == [3, 1, 0]
-    assert route.rules[2].backends == (
+    assert [len(rule.matches) for rule in route.rules] == [3, 1, 1, 1, 1, 0]
+    assert route.rules[2].rewrite == {"prefix": "/new/"}
+    assert route.rules[3].backends == () and route.rules[3].redirect is not None
+    assert route.rules[4].direct_response == {"status": 403, "body": "internal only"}
+    assert route.rules[5].backends == (
         Backend("api", {"version": "v1"}, 90),
         Backend("api", {"version": "v2"}, 10),
     )
@@ -101,7 +104,60 @@ API = {"service": "api"}
     [
         ({}, "spec.conf.rules", "non-empty list of rules"),
         ({"rules": [], "x": 1}, "spec.conf.x", "unknown field"),
-        ({"rules": [{}]}, "spec.conf.rules[0].backends", "required field is missing"),
+        ({"rules": [{}]}, "spec.conf.rules[0]", "exactly one of backends, direct_response"),
+        (
+            {"rules": [{"backends": [API], "redirect": {}}]},
+            "spec.conf.rules[0]",
+            "got backends, redirect",
+        ),
+        (
+            {"rules": [{"direct_response": {"status": 700}}]},
+            "spec.conf.rules[0].direct_response.status",
+            "out of range [200, 599]",
+        ),
+        (
+            {"rules": [{"direct_response": {"status": 200, "body": "x" * 4097}}]},
+            "spec.conf.rules[0].direct_response.body",
+            "at most 4096 bytes",
+        ),
+        (
+            {"rules": [{"redirect": {"status": 305}}]},
+            "spec.conf.rules[0].redirect.status",
+            "expected 301, 302, 303, 307 or 308",
+        ),
+        (
+            {"rules": [{"redirect": {"host": "a/b"}}]},
+            "spec.conf.rules[0].redirect.host",
+            "expected a host name",
+        ),
+        (
+            {"rules": [{"redirect": {"path": "/a b"}}]},
+            "spec.conf.rules[0].redirect.path",
+            "without spaces",
+        ),
+        (
+            {"rules": [{"redirect": {}, "rewrite": {"prefix": "/x"}}]},
+            "spec.conf.rules[0].rewrite",
+            "needs backends",
+        ),
+        (
+            {"rules": [{"backends": [API], "rewrite": {"prefix": "x"}}]},
+            "spec.conf.rules[0].rewrite.prefix",
+            "starting with '/'",
+        ),
+        (
+            {
+                "rules": [
+                    {
+                        "backends": [API],
+                        "matches": [{"path": {"exact": "/a"}}],
+                        "rewrite": {"prefix": "/b"},
+                    }
+                ]
+            },
+            "spec.conf.rules[0].matches[0].path",
+            "needs prefix path matches",
+        ),
         ({"rules": [{"backends": []}]}, "spec.conf.rules[0].backends", "non-empty list"),
         (
             {"rules": [{"backends": [API], "matches": [{"path": {"prefix": "v2"}}]}]},

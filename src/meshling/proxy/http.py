@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.inbound import CallerPolicies
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
-    from meshling.snapshot.model import Endpoint, Route
+    from meshling.snapshot.model import Endpoint, Redirect, Route
 
 # Headers of this prefix are the mesh's own: a client may not set them.
 INTERNAL_PREFIX = b"x-meshling-"
@@ -280,6 +280,13 @@ class HttpDownstream(Side):
             ex.local_reply(404, "route_not_found")
             return
         ex.route = route
+        if route.direct_response is not None:
+            ex.respond(route.direct_response.status, route.direct_response.body)
+            return
+        if route.redirect is not None:
+            location = redirect_location(route.redirect, head, path, self.chain.tls is not None)
+            ex.respond(route.redirect.status, b"", ((b"location", location),))
+            return
         # a weighted route picks its cluster per request (a split, or weights shifting)
         weighted = route.weighted
         cluster = chain.clusters[route.cluster if weighted is None else weighted.pick()]
@@ -469,7 +476,11 @@ class Exchange:
         route = self.route
         if route is not None and route.request_headers is not None:
             fields = route.request_headers.apply(fields)  # the route's HTTPRoute edits
-        target = self.path + b"?" + head.query if head.query else self.path
+        path = self.path
+        if route is not None and route.rewrite_prefix is not None:
+            # the matched prefix (of the normalised path the router saw) is replaced
+            path = route.rewrite_prefix + path[len(route.match.path.value) :]
+        target = path + b"?" + head.query if head.query else path
         out = [b"%b %b HTTP/1.1\r\n" % (head.method, target)]
         xff = xfp = request_id = b""
         for name, value in fields:
@@ -860,6 +871,28 @@ class Exchange:
         )
         self.finish()
 
+    def respond(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer from the proxy itself as a route says (a direct response, a redirect):
+        a Content-Length framed body, text/plain when there is one."""
+        self.abort_upstream()
+        self.status = status
+        if not self.request_done and not self._request_complete():
+            self.keep_alive = False
+        if self.downstream.draining or self.downstream.chain.retired:
+            self.keep_alive = False
+        headers = [(b"content-length", b"%d" % len(body)), *extra]
+        if body:
+            headers.insert(0, (b"content-type", b"text/plain"))
+        if not self.keep_alive:
+            headers.append((b"connection", b"close"))
+        self.response_started = True
+        self.response_done = True
+        send_body = self.head is None or self.head.method != b"HEAD"
+        self.downstream.write(
+            encode_response_head(status, b"", headers) + (body if send_body else b"")
+        )
+        self.finish()
+
     def _request_complete(self) -> bool:
         head = self.head
         # A request with no body is complete once its head is in; anything else
@@ -1018,3 +1051,28 @@ class HttpUpstream(Side):
         if ex is not None:
             ex.downstream.paused_by_upstream = False
             ex.downstream._update_reading()
+
+
+def redirect_location(redirect: Redirect, head: RequestHead, path: bytes, tls: bool) -> bytes:
+    """The `location` of a redirect: the request's URL (scheme, host, port, normalised
+    path, query) with the parts the route gives replaced; a port that is the scheme's
+    default is left out."""
+    scheme = redirect.scheme or (b"https" if tls else b"http")
+    authority = head.host
+    host, port = authority, b""
+    colon = authority.rfind(b":")
+    if colon > authority.rfind(b"]"):
+        host, port = authority[:colon], authority[colon + 1 :]
+    if redirect.host is not None:
+        host = redirect.host
+    if redirect.port is not None:
+        port = b"%d" % redirect.port
+    if port and port == _DEFAULT_PORTS.get(scheme):
+        port = b""
+    location = redirect.path if redirect.path is not None else path
+    if host:  # else (an HTTP/1.0 request without Host): a path-only reference
+        location = scheme + b"://" + host + (b":" + port if port else b"") + location
+    return location + b"?" + head.query if head.query else location
+
+
+_DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}

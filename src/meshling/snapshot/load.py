@@ -19,6 +19,7 @@ from meshling.snapshot.model import (
     AccessLog,
     Admin,
     Cluster,
+    DirectResponse,
     DownstreamTls,
     Endpoint,
     FilterChain,
@@ -30,6 +31,7 @@ from meshling.snapshot.model import (
     PathMatch,
     ProtocolDetection,
     QueryMatch,
+    Redirect,
     Route,
     RouteConfig,
     RouteMatch,
@@ -515,9 +517,28 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
             "retry",
             "request_headers",
             "response_headers",
+            "direct_response",
+            "redirect",
+            "rewrite",
         )
     )
-    cluster, weighted = _destination(node, clusters)
+    direct = node.get("direct_response", _direct_response, None)
+    redirect = node.get("redirect", _redirect, None)
+    match = node.get("match", _route_match, RouteMatch())
+    if direct is not None or redirect is not None:
+        given = [k for k in _ROUTE_ACTIONS if node.has(k)]
+        if len(given) > 1:
+            raise node.error(f"give exactly one of {', '.join(_ROUTE_ACTIONS)}, got {given}")
+        if node.has("rewrite"):
+            raise node.child("rewrite").error("a rewrite needs a route forwarding to a cluster")
+        cluster, weighted = "", None
+    else:
+        cluster, weighted = _destination(node, clusters)
+    rewrite = node.get("rewrite", _rewrite, None)
+    if rewrite is not None and match.path.kind != "prefix":
+        raise node.child("rewrite").error(
+            f"a prefix rewrite needs a prefix path match, got {match.path.kind}"
+        )
     # `timeout` is the total as a duration, or the Timeout policy's fragment as a mapping
     timeouts = _timeouts(node.child("timeout"))
     retry = None
@@ -528,7 +549,7 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
         retry = RetryPolicy.from_dict(node.child("retry"))
     return Route(
         name=node.need("name", _name),
-        match=node.get("match", _route_match, RouteMatch()),
+        match=match,
         cluster=cluster,
         timeout=timeouts.request if timeouts is not None else node.get("timeout", _duration, 15.0),
         timeouts=timeouts,
@@ -536,7 +557,62 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
         weighted=weighted,
         request_headers=node.get("request_headers", _header_edits, None),
         response_headers=node.get("response_headers", _header_edits, None),
+        direct_response=direct,
+        redirect=redirect,
+        rewrite_prefix=rewrite,
     )
+
+
+_ROUTE_ACTIONS = ("cluster", "weighted_clusters", "direct_response", "redirect")
+# the largest body of a direct response, in bytes (UTF-8)
+DIRECT_BODY_LIMIT = 4096
+_REDIRECT_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+# a path of printable ASCII, without the query or fragment delimiters
+_URL_PATH = re.compile(r"/[!$%&'()*+,\-./0-9:;=@A-Z_a-z~]*")
+
+
+def _direct_response(node: _Node) -> DirectResponse:
+    node.mapping(("status", "body"))
+    status = node.need("status", _int(200, 599))
+    body = node.get("body", _str, "").encode("utf-8")
+    if len(body) > DIRECT_BODY_LIMIT:
+        raise node.child("body").error(
+            f"a direct response body is at most {DIRECT_BODY_LIMIT} bytes, got {len(body)}"
+        )
+    return DirectResponse(status, body)
+
+
+def _url_path(node: _Node) -> bytes:
+    value = _str(node)
+    if _URL_PATH.fullmatch(value) is None:
+        raise node.error(
+            f"expected a path starting with '/', of printable ASCII without spaces, '?' "
+            f"or '#', got {value!r}"
+        )
+    return value.encode()
+
+
+def _redirect(node: _Node) -> Redirect:
+    node.mapping(("scheme", "host", "port", "path", "status"))
+    host = node.get("host", _str, None)
+    if host is not None and _REDIRECT_HOST.fullmatch(host) is None:
+        raise node.child("host").error(f"expected a host name or [IPv6] address, got {host!r}")
+    status = node.get("status", _int(300, 399), 301)
+    if status not in (301, 302, 303, 307, 308):
+        raise node.child("status").error(f"expected 301, 302, 303, 307 or 308, got {status}")
+    scheme = node.get("scheme", _choice("http", "https"), None)
+    return Redirect(
+        status=status,
+        scheme=scheme.encode() if scheme is not None else None,
+        host=host.encode() if host is not None else None,
+        port=node.get("port", _int(1, 65535), None),
+        path=node.get("path", _url_path, None),
+    )
+
+
+def _rewrite(node: _Node) -> bytes:
+    node.mapping(("prefix",))
+    return node.need("prefix", _url_path)
 
 
 def _timeouts(node: _Node) -> Any:

@@ -197,6 +197,26 @@ class WeightedClusters:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectResponse:
+    """A route's answer from the proxy itself: the status, and a text/plain body."""
+
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A route's redirect: `location` is the request's URL with these parts replaced
+    (None: the request's own); the query string is kept."""
+
+    status: int = 301
+    scheme: bytes | None = None
+    host: bytes | None = None
+    port: int | None = None
+    path: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Requests that match go to one cluster (or one of `weighted`, picked per request);
     the first matching route wins."""
@@ -204,7 +224,8 @@ class Route:
     name: str
     match: RouteMatch
     # the cluster; with `weighted`, its first cluster (the one metrics name when none
-    # was picked, as for a request refused before it)
+    # was picked, as for a request refused before it); "" for a direct response or
+    # a redirect
     cluster: str
     # total time for the upstream to answer (504 after it); 0 disables
     timeout: float = 15.0
@@ -218,6 +239,11 @@ class Route:
     # changes to the request forwarded upstream, and to the response sent back
     request_headers: HeaderEdits | None = None
     response_headers: HeaderEdits | None = None
+    # answered by the proxy itself, never forwarded (at most one of the two)
+    direct_response: DirectResponse | None = None
+    redirect: Redirect | None = None
+    # `rewrite.prefix`: replaces the matched path prefix of the request forwarded
+    rewrite_prefix: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

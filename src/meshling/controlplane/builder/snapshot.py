@@ -291,8 +291,14 @@ def _rule_routes(
             }
             if match is not None:
                 document["match"] = _fresh(match)
-            document["weighted_clusters"] = _fresh(rule["weighted_clusters"])
-            for key in ("request_headers", "response_headers"):
+            for key in (
+                "weighted_clusters",
+                "direct_response",
+                "redirect",
+                "rewrite",
+                "request_headers",
+                "response_headers",
+            ):
                 if key in rule:
                     document[key] = _fresh(rule[key])
             document.update(_fresh(on_route))
@@ -309,7 +315,7 @@ def _backend_clusters(protocol: str, policies: OutboundPolicies) -> list[str]:
         rules.extend(routing["http_route"]["rules"])
     if protocol != "http" and "tcp_route" in routing:
         rules.append(routing["tcp_route"])
-    return sorted({c["cluster"] for rule in rules for c in rule["weighted_clusters"]})
+    return sorted({c["cluster"] for rule in rules for c in rule.get("weighted_clusters", ())})
 
 
 def _local_cluster(inbound: Inbound) -> dict[str, Any]:

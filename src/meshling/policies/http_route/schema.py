@@ -20,6 +20,13 @@ spec:
         response_headers:
           add: {x-served-by: canary}
           remove: [server]
+      - matches: [{path: {prefix: /old/}}]
+        backends: [{service: api}]
+        rewrite: {prefix: /new/}     # the matched prefix, replaced upstream (query kept)
+      - matches: [{path: {exact: /docs}}]
+        redirect: {host: docs.example.com, path: /, status: 302}  # scheme, port too
+      - matches: [{path: {prefix: /internal}}]
+        direct_response: {status: 403, body: internal}  # the proxy answers
       - backends:                    # the rest: 90/10 between two versions
           - {service: api, tags: {version: v1}, weight: 90}
           - {service: api, tags: {version: v2}, weight: 10}
@@ -50,7 +57,8 @@ KIND = "HTTPRoute"
 
 @dataclass(frozen=True, slots=True)
 class HTTPRouteRule:
-    """Requests matching one of `matches` go to `backends`, by weight."""
+    """Requests matching one of `matches` go to `backends`, by weight (or are answered
+    by a direct response or a redirect)."""
 
     # the route `match` documents, as validated (empty: every request)
     matches: tuple[dict[str, Any], ...]
@@ -59,6 +67,12 @@ class HTTPRouteRule:
     # the `request_headers` and `response_headers` edits, as validated (None: none)
     request_headers: dict[str, Any] | None = None
     response_headers: dict[str, Any] | None = None
+    # the rule's action in place of `backends` (empty then), as validated: the proxy
+    # answers itself (`direct_response`) or redirects (`redirect`); None: forward
+    direct_response: dict[str, Any] | None = None
+    redirect: dict[str, Any] | None = None
+    # with backends: `{prefix: /new/}` replaces the matched path prefix forwarded
+    rewrite: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,18 +103,69 @@ def parse_resource(document: Any, source: str) -> HTTPRoute:
 
 
 def _rule(node: _Node, mesh: str) -> HTTPRouteRule:
-    from meshling.snapshot.load import _header_edits, _route_match
+    from meshling.snapshot.load import (
+        _direct_response,
+        _header_edits,
+        _redirect,
+        _rewrite,
+        _route_match,
+    )
 
-    node.mapping(("matches", "backends", "request_headers", "response_headers"))
+    node.mapping(
+        (
+            "matches",
+            "backends",
+            "direct_response",
+            "redirect",
+            "rewrite",
+            "request_headers",
+            "response_headers",
+        )
+    )
     matches: list[dict[str, Any]] = []
     for match in node.items("matches", required=False):
         _route_match(match)  # raises naming the field
         matches.append(match.value)
-    backends = node.need("backends", lambda n: parse_backends(n, mesh))
-    edits: list[dict[str, Any] | None] = []
-    for key in ("request_headers", "response_headers"):
-        edited = node.child(key)
-        if edited.value is not None:
-            _header_edits(edited)  # raises naming the field
-        edits.append(edited.value)
-    return HTTPRouteRule(tuple(matches), backends, *edits)
+    given = [k for k in ("backends", "direct_response", "redirect") if node.has(k)]
+    if len(given) != 1:
+        raise node.error(
+            "give exactly one of backends, direct_response, redirect"
+            + (f", got {', '.join(given)}" if given else "")
+        )
+    backends: tuple[Backend, ...] = ()
+    if given[0] == "backends":
+        backends = node.need("backends", lambda n: parse_backends(n, mesh))
+    documents: dict[str, dict[str, Any] | None] = {}
+    for key, parse in (
+        ("direct_response", _direct_response),
+        ("redirect", _redirect),
+        ("rewrite", _rewrite),
+        ("request_headers", _header_edits),
+        ("response_headers", _header_edits),
+    ):
+        child = node.child(key)
+        if child.value is not None:
+            parse(child)  # raises naming the field
+        documents[key] = child.value
+    rewrite = node.child("rewrite")
+    if rewrite.value is not None:
+        if not backends:
+            raise rewrite.error("a rewrite needs backends to forward to")
+        for i, document in enumerate(matches):
+            path_match: dict[str, Any] = document.get("path") or {"prefix": "/"}
+            if "prefix" not in path_match:
+                raise (
+                    node.child("matches")
+                    .child(i)
+                    .child("path")
+                    .error("a rule with a prefix rewrite needs prefix path matches")
+                )
+    return HTTPRouteRule(
+        tuple(matches),
+        backends,
+        request_headers=documents["request_headers"],
+        response_headers=documents["response_headers"],
+        direct_response=documents["direct_response"],
+        redirect=documents["redirect"],
+        rewrite=documents["rewrite"],
+    )

@@ -8,6 +8,12 @@ rules:
       - {cluster: "api~version=v2", weight: 1}
     request_headers: {set: {x-canary: "1"}}  # the route's edits, when the rule has them
     response_headers: {remove: [server]}
+  - matches: [{path: {prefix: /old/}}]
+    weighted_clusters: [{cluster: api, weight: 1}]
+    rewrite: {prefix: /new/}                # the rule's action, when it has one: rewrite
+  - matches: [{path: {exact: /docs}}]
+    redirect: {host: docs.example.com}      # or redirect / direct_response in place of
+                                            # weighted_clusters
 ```
 
 The builder makes one route per match (one matching everything for a rule without
@@ -33,8 +39,13 @@ def fragment(resource: HTTPRoute) -> dict[str, Any]:
     for rule in resource.rules:
         document: dict[str, Any] = {
             "matches": [copy.deepcopy(m) for m in rule.matches],
-            "weighted_clusters": weighted_clusters(rule.backends),
         }
+        if rule.backends:
+            document["weighted_clusters"] = weighted_clusters(rule.backends)
+        for key in ("direct_response", "redirect", "rewrite"):
+            value = getattr(rule, key)
+            if value is not None:
+                document[key] = copy.deepcopy(value)
         if rule.request_headers is not None:
             document["request_headers"] = copy.deepcopy(rule.request_headers)
         if rule.response_headers is not None:
