@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 ANY_CALLER = "*"
 # rule names become metric labels and log fields: keep them plain
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_MESH = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,33 +49,16 @@ def parse_envelope(document: Any, source: str, kind: str) -> tuple[Envelope, _No
 
     Imported by the control plane only: the proxy reads fragments, never resources.
     """
-    from meshling.policies.matching import parse_selectors
-    from meshling.snapshot.load import _Node
+    from meshling.policies.matching import parse_targeted, refuse_tags
 
-    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
-    got = root.need("kind", text)
-    if got != kind:
-        raise root.child("kind").error(f"expected kind {kind}, got {got!r}")
-    metadata = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
-    name = metadata.need("name", _resource_name)
-    mesh = metadata.need("mesh", _mesh)
-    spec = root.need("spec", lambda n: n.mapping(("sources", "destinations", "conf")))
-    sources = spec.need("sources", lambda n: parse_selectors(n, mesh))
-    for i, selector in enumerate(sources):
-        if selector.tags:
-            raise (
-                spec.child("sources")
-                .child(i)
-                .child("tags")
-                .error(
-                    "an inbound policy knows callers by their service identity only: "
-                    "select sources by service, without tags"
-                )
-            )
-    destinations = spec.need("destinations", lambda n: parse_selectors(n, mesh))
-    conf = spec.child("conf")
-    if conf.value is None:
-        raise conf.error("required field is missing")
+    name, mesh, spec, sources, destinations, conf = parse_targeted(document, source, kind)
+    refuse_tags(
+        spec,
+        "sources",
+        sources,
+        "an inbound policy knows callers by their service identity only: "
+        "select sources by service, without tags",
+    )
     return Envelope(name, mesh, sources, destinations), conf
 
 
@@ -206,23 +187,3 @@ def identities(node: _Node) -> tuple[str, ...]:
             )
         found.append(value)
     return tuple(found)
-
-
-def _resource_name(node: _Node) -> str:
-    value = text(node)
-    if not _NAME.match(value):
-        raise node.error(
-            f"invalid name {value!r}: use at most 63 lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return value
-
-
-def _mesh(node: _Node) -> str:
-    value = text(node)
-    if not _MESH.match(value):
-        raise node.error(
-            f"invalid mesh {value!r}: a mesh is a SPIFFE trust domain, "
-            "use lower-case letters, digits, '.', '-' and '_'"
-        )
-    return value

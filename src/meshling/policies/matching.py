@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from meshling.controlplane.resources import metadata
 from meshling.policies.selection import Selection
@@ -183,3 +183,33 @@ def selects_inbound(policy: Targeted, dataplanes: Iterable[Dataplane]) -> Select
     return Selection(
         "spec.destinations", f"dataplane of {_wanted(policy.destinations)}", tuple(chosen)
     )
+
+
+def parse_targeted(
+    document: Any, source: str, kind: str
+) -> tuple[str, str, _Node, tuple[Selector, ...], tuple[Selector, ...], _Node]:
+    """The `kind / metadata / spec` envelope every traffic policy resource has: its
+    name, mesh, the `spec` node, the source and destination selectors, and the
+    `spec.conf` node, which the policy reads itself."""
+    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
+    given = root.need("kind", metadata.text)
+    if given != kind:
+        raise root.child("kind").error(f"expected kind {kind}, got {given!r}")
+    meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
+    name = meta.need("name", metadata.name)
+    mesh = meta.need("mesh", metadata.mesh)
+    spec = root.need("spec", lambda n: n.mapping(("sources", "destinations", "conf")))
+    sources = spec.need("sources", lambda n: parse_selectors(n, mesh))
+    destinations = spec.need("destinations", lambda n: parse_selectors(n, mesh))
+    conf = spec.child("conf")
+    if conf.value is None:
+        raise conf.error("required field is missing")
+    return name, mesh, spec, sources, destinations, conf
+
+
+def refuse_tags(spec: _Node, field: str, selectors: tuple[Selector, ...], reason: str) -> None:
+    """Raise on the first selector of `spec.<field>` that carries tags, for policies
+    that can only select by service there."""
+    for i, selector in enumerate(selectors):
+        if selector.tags:
+            raise spec.child(field).child(i).child("tags").error(reason)

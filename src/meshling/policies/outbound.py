@@ -28,32 +28,14 @@ def parse_outbound(
 ) -> tuple[_Node, str, str, tuple[Selector, ...], tuple[Selector, ...]]:
     """The parts of an outbound policy resource: the `spec.conf` node, name, mesh,
     sources and destinations."""
-    from meshling.controlplane.resources import metadata
-    from meshling.policies.matching import parse_selectors
-    from meshling.snapshot.load import _Node
+    from meshling.policies.matching import parse_targeted, refuse_tags
 
-    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
-    given = root.need("kind", metadata.text)
-    if given != kind:
-        raise root.child("kind").error(f"expected kind {kind}, got {given!r}")
-    meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
-    name = meta.need("name", metadata.name)
-    mesh = meta.need("mesh", metadata.mesh)
-    spec = root.need("spec", lambda n: n.mapping(("sources", "destinations", "conf")))
-    sources = parse_selectors(spec.child("sources"), mesh)
-    destinations_node = spec.child("destinations")
-    destinations = parse_selectors(destinations_node, mesh)
-    for i, selector in enumerate(destinations):
-        if selector.tags:
-            raise (
-                destinations_node.child(i)
-                .child("tags")
-                .error(
-                    f"{kind} acts on the cluster of a whole service, which holds every "
-                    "instance: a destination selects a service only, drop the tags"
-                )
-            )
-    conf = spec.child("conf")
-    if conf.value is None:
-        raise conf.error("required field is missing")
+    name, mesh, spec, sources, destinations, conf = parse_targeted(document, source, kind)
+    refuse_tags(
+        spec,
+        "destinations",
+        destinations,
+        f"{kind} acts on the cluster of a whole service, which holds every "
+        "instance: a destination selects a service only, drop the tags",
+    )
     return conf, name, mesh, sources, destinations
