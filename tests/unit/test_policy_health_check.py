@@ -8,6 +8,7 @@ MESHLING_UPDATE_GOLDEN=1 to rewrite the fragments after a deliberate change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ import yaml
 from meshling.policies import policy_type
 from meshling.policies.health_check import HealthCheckConfig, fragment, parse_resource
 from meshling.policies.health_check.decide import HealthState, observe, panic, status_passes
+from meshling.policies.health_check.snapshot import GrpcCheck
 from meshling.snapshot import SnapshotError
-from meshling.snapshot.load import from_dict
+from meshling.snapshot.load import _Node, from_dict
 
 TESTDATA = Path(__file__).parents[2] / "src" / "meshling" / "policies" / "health_check" / "testdata"
 CASES = sorted(p.name.split(".")[0] for p in TESTDATA.glob("*.resource.yaml"))
@@ -89,7 +91,16 @@ def test_http_check_defaults() -> None:
     [
         ({}, "spec.conf", "exactly one of http, tcp"),
         ({"http": {"path": "/"}, "tcp": {}}, "spec.conf", "exactly one of http, tcp"),
-        ({"grpc": {"service": "x"}}, "spec.conf.grpc", "HTTP/2"),
+        ({"tcp": {}, "grpc": {}}, "spec.conf", "exactly one of http, tcp, grpc"),
+        ({"grpc": {"port": 9090}}, "spec.conf.grpc.port", "unknown field"),
+        ({"grpc": {"service": 7}}, "spec.conf.grpc.service", "expected a service name"),
+        ({"grpc": {"service": "a\nb"}}, "spec.conf.grpc.service", "control characters"),
+        ({"grpc": {"service": "s" * 1025}}, "spec.conf.grpc.service", "longer than 1024"),
+        ({"grpc": {"authority": ""}}, "spec.conf.grpc.authority", "non-empty string"),
+        ({"grpc": {"authority": "a b"}}, "spec.conf.grpc.authority", "invalid authority"),
+        ({"grpc": {"authority": "u@h"}}, "spec.conf.grpc.authority", "invalid authority"),
+        ({"grpc": {"authority": "h/x"}}, "spec.conf.grpc.authority", "invalid authority"),
+        ({"grpc": "svc"}, "spec.conf.grpc", "expected a mapping"),
         ({"tcp": {"send": "ping"}}, "spec.conf.tcp.send", "unknown field"),
         ({"http": {}}, "spec.conf.http.path", "required"),
         ({"http": {"path": "healthz"}}, "spec.conf.http.path", "invalid path"),
@@ -136,6 +147,27 @@ def test_snapshot_errors_name_the_cluster_field() -> None:
     assert err.value.path == "clusters[0].health_check.unhealthy_threshold"
 
 
+def test_grpc_check_defaults() -> None:
+    config = parse_resource(resource({"grpc": {}}), "x").conf
+    assert config == HealthCheckConfig(grpc=GrpcCheck())
+    assert (config.grpc, config.http_path) == (GrpcCheck("", None), None)
+    assert config.to_dict()["grpc"] == {"service": ""}
+
+
+def test_grpc_check_service_and_authority() -> None:
+    conf = {"grpc": {"service": "shop.v1.Orders", "authority": "[::1]:8443"}}
+    config = parse_resource(resource(conf), "x").conf
+    assert config.grpc == GrpcCheck("shop.v1.Orders", "[::1]:8443")
+    assert HealthCheckConfig.from_dict(_Node("x", "", config.to_dict())) == config
+
+
+def test_snapshot_grpc_errors_name_the_cluster_field() -> None:
+    with pytest.raises(SnapshotError) as err:
+        from_dict(snapshot_with({"grpc": {"authority": "a b"}}))
+    assert err.value.path == "clusters[0].health_check.grpc.authority"
+    assert "invalid authority" in err.value.reason
+
+
 # -- the state machine
 
 
@@ -173,3 +205,18 @@ def test_expected_statuses() -> None:
     ranges = ((200, 200), (300, 399))
     assert status_passes(200, ranges) and status_passes(302, ranges)
     assert not status_passes(204, ranges) and not status_passes(500, ranges)
+
+
+def test_builder_carries_a_grpc_check_into_the_callers_cluster() -> None:
+    from .test_builder_policies import build_all, cluster, load, named
+
+    mesh, dataplanes, policies = load()
+    old = named(policies, "db-health")
+    conf = HealthCheckConfig(timeout=0.5, grpc=GrpcCheck("db.v1.Store", "db.internal"))
+    policies = [p for p in policies if p is not old] + [dataclasses.replace(old, conf=conf)]
+    document = build_all(mesh, dataplanes, policies)["api-1"]
+    assert cluster(document, "db")["health_check"]["grpc"] == {
+        "service": "db.v1.Store",
+        "authority": "db.internal",
+    }
+    assert from_dict(document).clusters["db"].health_check == conf

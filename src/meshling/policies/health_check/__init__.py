@@ -9,6 +9,14 @@ proxies; unhealthy endpoints leave the load balancer, with a panic threshold.
 """
 
 from meshling.policies.health_check.schema import KIND, HealthCheck, parse_resource, selects
-from meshling.policies.health_check.snapshot import HealthCheckConfig, fragment
+from meshling.policies.health_check.snapshot import GrpcCheck, HealthCheckConfig, fragment
 
-__all__ = ["KIND", "HealthCheck", "HealthCheckConfig", "fragment", "parse_resource", "selects"]
+__all__ = [
+    "KIND",
+    "GrpcCheck",
+    "HealthCheck",
+    "HealthCheckConfig",
+    "fragment",
+    "parse_resource",
+    "selects",
+]

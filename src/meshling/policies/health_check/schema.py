@@ -12,7 +12,7 @@ spec:
     healthy_threshold: 2
     unhealthy_threshold: 3
     panic_threshold: 50
-    http: {path: /healthz}
+    http: {path: /healthz}           # or tcp: {}, or grpc: {service: api.v1.Orders}
 ```
 
 `conf` is exactly the cluster's `health_check:` fragment (see `snapshot`).

@@ -11,7 +11,8 @@ clusters:
       unhealthy_threshold: 3     # failures in a row that take a healthy endpoint out
       panic_threshold: 50        # below this % of usable endpoints, use them all
       http: {path: /healthz, expected_statuses: [200, "300-399"]}   # or
-      # tcp: {}                  # the connection opening is the check
+      # tcp: {}                  # the connection opening is the check, or
+      # grpc: {service: api.v1.Orders, authority: api}   # grpc.health.v1.Health/Check
 ```
 
 The proxy checks every endpoint of the cluster on its own, starting when the snapshot
@@ -20,11 +21,13 @@ healthy (traffic flows before the first round), and its first check decides at o
 after that it takes `unhealthy_threshold` failures in a row to take it out and
 `healthy_threshold` passes in a row to bring it back. An HTTP check is `GET <path>` with
 `Host: <cluster name>`, answered by a status in `expected_statuses` (default 200-299).
+A gRPC check is the standard `grpc.health.v1.Health/Check` call over HTTP/2 for
+`service` (empty, the default, asks about the server as a whole), with `:authority`
+`authority` (default the cluster name); it passes when the answer is `SERVING`.
 Unhealthy endpoints leave the load balancer; when fewer than `panic_threshold` percent of
 the endpoints are usable (healthy and not ejected by outlier detection) the balancer
 ignores health and uses them all, so that a bad check cannot take a whole service down.
-gRPC checks need HTTP/2 to the endpoints and are not available yet. `fragment(resource)`
-is exactly what `HealthCheckConfig.from_dict` reads.
+`fragment(resource)` is exactly what `HealthCheckConfig.from_dict` reads.
 """
 
 from __future__ import annotations
@@ -42,6 +45,26 @@ if TYPE_CHECKING:
 _RANGE = re.compile(r"^([1-5]\d\d)-([1-5]\d\d)$")
 # a path that fits in a request line as it is written
 _PATH = re.compile(r"^/[!-~]*$")
+# host, host:port or [v6]:port, as an HTTP/2 :authority carries it (no userinfo)
+_AUTHORITY = re.compile(r"^[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}$")
+# a gRPC service name as the health protocol carries it (bytes on the wire)
+_SERVICE_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcCheck:
+    """A gRPC health check: `grpc.health.v1.Health/Check` for one service."""
+
+    # the service asked about; "" asks about the server as a whole
+    service: str = ""
+    # the call's :authority; None: the cluster's name
+    authority: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"service": self.service}
+        if self.authority is not None:
+            document["authority"] = self.authority
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +85,8 @@ class HealthCheckConfig:
     http_path: str | None = None
     # the statuses that pass an HTTP check, as inclusive ranges
     expected_statuses: tuple[tuple[int, int], ...] = ((200, 299),)
+    # a gRPC check instead of HTTP or TCP (then `http_path` is None)
+    grpc: GrpcCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot's form, as `from_dict` reads it."""
@@ -72,7 +97,9 @@ class HealthCheckConfig:
             "unhealthy_threshold": self.unhealthy_threshold,
             "panic_threshold": self.panic_threshold,
         }
-        if self.http_path is None:
+        if self.grpc is not None:
+            document["grpc"] = self.grpc.to_dict()
+        elif self.http_path is None:
             document["tcp"] = {}
         else:
             document["http"] = {
@@ -98,14 +125,10 @@ class HealthCheckConfig:
                 "grpc",
             )
         )
-        if node.has("grpc"):
-            raise node.child("grpc").error(
-                "gRPC health checks need HTTP/2 to the endpoints, which the proxy does not "
-                "speak yet: use an http or tcp check"
-            )
-        if node.has("http") == node.has("tcp"):
-            raise node.error("give exactly one of http, tcp")
+        if sum(node.has(kind) for kind in ("http", "tcp", "grpc")) != 1:
+            raise node.error("give exactly one of http, tcp, grpc")
         path = None
+        grpc = None
         statuses: tuple[tuple[int, int], ...] = ((200, 299),)
         if node.has("http"):
             http = node.child("http").mapping(("path", "expected_statuses"))
@@ -116,6 +139,8 @@ class HealthCheckConfig:
                     "give at least one status, or leave the field out for 200-299"
                 )
             statuses = given or statuses
+        elif node.has("grpc"):
+            grpc = _grpc(node.child("grpc"))
         else:
             tcp = node.child("tcp")
             if tcp.value != {}:
@@ -128,6 +153,7 @@ class HealthCheckConfig:
             panic_threshold=node.get("panic_threshold", percent, 50),
             http_path=path,
             expected_statuses=statuses,
+            grpc=grpc,
         )
         if config.timeout > config.interval:
             raise node.child("timeout").error(
@@ -153,6 +179,41 @@ def _path(node: _Node) -> str:
     if not _PATH.match(value) or len(value) > 2048:
         raise node.error(
             f"invalid path {value!r}: it starts with '/' and has no spaces or control characters"
+        )
+    return value
+
+
+def _grpc(node: _Node) -> GrpcCheck:
+    node.mapping(("service", "authority"))
+    return GrpcCheck(
+        service=node.get("service", _service, ""),
+        authority=node.get("authority", _authority, None),
+    )
+
+
+def _service(node: _Node) -> str:
+    from meshling.snapshot.load import _kind
+
+    value = node.value
+    if not isinstance(value, str):
+        raise node.error(
+            f'expected a service name (a string; "" for the whole server), got {_kind(value)}'
+        )
+    if any(c < " " or c == "\x7f" for c in value):
+        raise node.error(f"invalid service name {value!r}: it has control characters")
+    if len(value.encode()) > _SERVICE_BYTES:
+        raise node.error(f"service name is longer than {_SERVICE_BYTES} bytes")
+    return value
+
+
+def _authority(node: _Node) -> str:
+    from meshling.snapshot.load import _str
+
+    value = _str(node)
+    if not _AUTHORITY.match(value):
+        raise node.error(
+            f"invalid authority {value!r}: give a host or host:port, without spaces, "
+            "'/', '?', '#' or '@'"
         )
     return value
 
