@@ -323,3 +323,11 @@ def nginx() -> Iterator[Nginx]:
     except subprocess.TimeoutExpired:
         proc.kill()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Any:
+    """A mesh CA (and a second, foreign one) issuing certificate files under tmp_path."""
+    from .test_mtls import Pki
+
+    return Pki(tmp_path)

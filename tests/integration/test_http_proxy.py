@@ -419,21 +419,41 @@ def test_http_proxy_request_trailers_and_chunks_reach_upstream(
     assert received.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 9\r\n\r\n")
 
 
-def test_http_proxy_h2c_upgrade_is_served_as_http1(
+def test_http_proxy_h2c_upgrade_switches_to_http2(
     start_proxy, recording_upstream: RecordingUpstream
 ) -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
     proxy = start_proxy(http_snapshot(free_port(), free_port(), [recording_upstream.port]))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = client.initiate_upgrade_connection()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
         s.sendall(
-            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-            b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
         )
         first = s.recv(4096)
-        assert first.startswith(b"HTTP/1.1 200"), first
-        # the connection still carries HTTP/1.1 requests
-        s.sendall(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert b"HTTP/1.1 200" in s.recv(4096) + s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 101"), first
+        head, _, rest = first.partition(b"\r\n\r\n")
+        assert b"upgrade: h2c" in head.lower()
+        s.sendall(client.data_to_send())
+        # the answer to the upgrade request is stream 1, over HTTP/2
+        status, ended, data = None, False, rest
+        while not ended:
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            s.sendall(client.data_to_send())
+            if not ended:
+                data = s.recv(65536)
+                assert data, "closed before the answer"
+        assert status == b"200"
     received = bytes(recording_upstream.received).lower()
+    assert received.startswith(b"get /a http/1.1")
     assert b"upgrade" not in received and b"http2-settings" not in received
 
 

@@ -221,18 +221,19 @@ def test_auto_port_serves_server_speaks_first_after_the_timeout(start_proxy, ngi
         banner.close()
 
 
-def test_auto_port_passes_http2_prior_knowledge_through_as_tcp(
+def test_auto_port_serves_http2_prior_knowledge_with_the_http_filter(
     start_proxy, nginx: Nginx, nginx_h2: int
 ) -> None:
     proxy = start_proxy(auto_snapshot(free_port(), free_port(), nginx.port, nginx_h2))
     result = curl("--http2-prior-knowledge", "-w", "|%{http_version}", proxy.url + "/hello")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"hello over h2\n|2"
+    # routed per request to the http filter's cluster (an HTTP/1.1 nginx), not passed
+    # through to the tcp filter's HTTP/2 server
+    assert result.stdout == b"hello from nginx\n|2"
     metrics = proxy.metrics()
     assert metric(metrics, "meshling_protocol_detections_total", protocol="h2") == 1
-    # not parsed as HTTP (HTTP/2 is not proxied per request yet): bytes on the TCP path
-    assert metric(metrics, "meshling_http_requests_total") == 0
-    assert metric(metrics, "meshling_tcp_connections_total", cluster="opaque") == 1
+    assert metric(metrics, "meshling_http_requests_total") == 1
+    assert metric(metrics, "meshling_tcp_connections_total", cluster="opaque") == 0
 
 
 def test_auto_port_closes_quietly_when_the_client_leaves_before_speaking(

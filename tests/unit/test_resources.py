@@ -167,9 +167,9 @@ def test_parse_dataplane_resources_are_hashable() -> None:
             "required field is missing",
         ),
         (
-            lambda d: d["spec"]["inbounds"][1].update(protocol="grpc"),
+            lambda d: d["spec"]["inbounds"][1].update(protocol="quic"),
             "spec.inbounds[1].protocol",
-            "must be one of http, tcp, auto, got 'grpc'",
+            "must be one of http, http2, grpc, tcp, auto, got 'quic'",
         ),
         (
             lambda d: d["spec"]["outbounds"][0].update(service="*"),

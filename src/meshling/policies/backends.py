@@ -59,30 +59,37 @@ def subset_of(cluster: str) -> tuple[str, dict[str, str]]:
     return service, dict(part.split("=", 1) for part in parts)
 
 
-def parse_backends(node: _Node, mesh: str) -> tuple[Backend, ...]:
-    """A non-empty list of backends, each cluster once, with a positive total weight."""
+def parse_backend(node: _Node, mesh: str, *, weighted: bool = True) -> Backend:
+    """One backend; without `weighted` (a mirror's), a `weight` is an unknown field."""
     from meshling.controlplane.resources import metadata
     from meshling.snapshot.load import SnapshotError, _int, _name, _Node
 
+    item = node.mapping(("service", "tags", "weight") if weighted else ("service", "tags"))
+    service = item.need("service", lambda n: metadata.service(n, mesh))
+    no_tags: dict[str, str] = {}
+    tags = item.get("tags", metadata.string_map, no_tags)
+    weight = item.get("weight", _int(0, MAX_WEIGHT), 1)
+    backend = Backend(service, tags, weight)
+    try:
+        if any(SUBSET in k + v for k, v in tags.items()):
+            raise SnapshotError(item.source, item.path, SUBSET)
+        _name(_Node(item.source, item.path, backend.cluster))
+    except SnapshotError:
+        raise item.child("tags").error(
+            f"the subset cluster {backend.cluster!r} is not a valid cluster name: use "
+            "tag keys and values of letters, digits, '_', '.', '-' (at most 128 in all)"
+        ) from None
+    return backend
+
+
+def parse_backends(node: _Node, mesh: str) -> tuple[Backend, ...]:
+    """A non-empty list of backends, each cluster once, with a positive total weight."""
     if not isinstance(node.value, list) or not node.value:
         raise node.error("expected a non-empty list of backends such as {service: api}")
     backends: list[Backend] = []
     for i in range(len(node.value)):
-        item = node.child(i).mapping(("service", "tags", "weight"))
-        service = item.need("service", lambda n: metadata.service(n, mesh))
-        no_tags: dict[str, str] = {}
-        tags = item.get("tags", metadata.string_map, no_tags)
-        weight = item.get("weight", _int(0, MAX_WEIGHT), 1)
-        backend = Backend(service, tags, weight)
-        try:
-            if any(SUBSET in k + v for k, v in tags.items()):
-                raise SnapshotError(item.source, item.path, SUBSET)
-            _name(_Node(item.source, item.path, backend.cluster))
-        except SnapshotError:
-            raise item.child("tags").error(
-                f"the subset cluster {backend.cluster!r} is not a valid cluster name: use "
-                "tag keys and values of letters, digits, '_', '.', '-' (at most 128 in all)"
-            ) from None
+        item = node.child(i)
+        backend = parse_backend(item, mesh)
         if any(b.cluster == backend.cluster for b in backends):
             raise item.error(f"backend {backend.cluster!r} is listed twice")
         backends.append(backend)

@@ -178,7 +178,7 @@ class DetectingAcceptor(TlsAcceptor):
 
     The client's first bytes are peeked at (MSG_PEEK, so they stay in the socket for the
     protocol that takes it over) until `detect.classify` decides. HTTP/2 with prior
-    knowledge and TLS are passed through as TCP. A client that sends nothing decisive
+    knowledge is served by the http filter too; TLS is passed through as TCP. A client that sends nothing decisive
     within the chain's detection timeout is served as TCP: that is how a
     server-speaks-first protocol, whose client waits for the server's greeting, works.
     """
@@ -214,7 +214,8 @@ class DetectingAcceptor(TlsAcceptor):
                 data = self._peek_now(conn)
                 protocol = classify(data) if data else None
             stats.record(protocol or "opaque", time.monotonic() - started, protocol is None)
-            make = self.make_http if protocol == "http1" else self.make
+            # HTTP/2 with prior knowledge takes the HTTP path too, which hands it over
+            make = self.make_http if protocol in ("http1", "h2") else self.make
             await self.loop.connect_accepted_socket(lambda: make(chain), conn)
         except asyncio.CancelledError:
             conn.close()

@@ -23,7 +23,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshling.proxy.balancer import Balancer, Host, HostGroup
 from meshling.snapshot.model import Cluster, Endpoint, UpstreamTls
@@ -95,6 +95,10 @@ class PoolSet:
         self.clock = clock
         self.pools: dict[PoolKey, EndpointPool] = {}
         self.idle_timeouts: dict[PoolKey, float] = {}
+        # HTTP/2 connections (`proxy.http2.H2Upstream`), shared by many requests at once,
+        # and the connections being opened (waited for instead of opening another)
+        self.multiplexed: dict[PoolKey, list[Any]] = {}
+        self.opening: dict[PoolKey, asyncio.Future[None]] = {}
 
     def pool(self, key: PoolKey) -> EndpointPool:
         pool = self.pools.get(key)
@@ -106,12 +110,22 @@ class PoolSet:
         now = self.clock()
         for key, pool in list(self.pools.items()):
             pool.sweep(now, self.idle_timeouts.get(key, 60.0))
+        for key, conns in list(self.multiplexed.items()):
+            timeout = self.idle_timeouts.get(key, 60.0)
+            for conn in list(conns):
+                if not conn.streams and now - conn.idle_since >= timeout:
+                    conn.close()
+                    conns.remove(conn)
 
     def close_all(self) -> None:
         for pool in self.pools.values():
             for conn in pool.idle:
                 conn.close()
             pool.idle.clear()
+        for conns in self.multiplexed.values():
+            for conn in conns:
+                conn.close()
+        self.multiplexed.clear()
 
 
 class ClusterRuntime:
@@ -255,8 +269,13 @@ class ClusterRuntime:
         endpoint: Endpoint,
         factory: Callable[[], asyncio.Protocol],
         timeout: float = 0.0,
+        *,
+        http2: bool = False,
     ) -> asyncio.Protocol:
         """Open a TCP connection, counting failures by reason; raises ConnectError.
+
+        `http2`: a TLS connection offers ALPN "h2" (and must get it) instead of
+        "http/1.1".
 
         `timeout` is a route's or chain's own connect timeout (Timeout policy); 0 takes
         the cluster's. Over the circuit breaker's max_pending_requests or max_connections
@@ -272,12 +291,16 @@ class ClusterRuntime:
                 raise ConnectError("circuit_breaker_max_connections", endpoint, status=503)
         stats.rq_pending += 1
         try:
-            return await self._open(endpoint, factory, timeout)
+            return await self._open(endpoint, factory, timeout, http2)
         finally:
             stats.rq_pending -= 1
 
     async def _open(
-        self, endpoint: Endpoint, factory: Callable[[], asyncio.Protocol], timeout: float
+        self,
+        endpoint: Endpoint,
+        factory: Callable[[], asyncio.Protocol],
+        timeout: float,
+        http2: bool = False,
     ) -> asyncio.Protocol:
         tls = self.tls
         if tls is not None and tls.own.expired(time.time()):
@@ -293,7 +316,7 @@ class ClusterRuntime:
                     factory,
                     endpoint.address,
                     endpoint.port,
-                    ssl=tls.context if tls is not None else None,
+                    ssl=(tls.h2_context() if http2 else tls.context) if tls is not None else None,
                 ),
                 timeout or self.config.connect_timeout or None,
             )
@@ -317,12 +340,17 @@ class ClusterRuntime:
             from meshling.identity import SvidError
 
             # OpenSSL checked the chain; the SPIFFE rules and the expected identity are ours.
+            ssl_object = transport.get_extra_info("ssl_object")
             try:
-                tls.authenticate(transport.get_extra_info("ssl_object"))
+                tls.authenticate(ssl_object)
             except SvidError as exc:
                 transport.abort()
                 self._fail("tls")
                 raise ConnectError(f"peer identity: {exc}", endpoint) from None
+            if http2 and ssl_object.selected_alpn_protocol() != "h2":
+                transport.abort()
+                self._fail("tls")
+                raise ConnectError("the peer does not speak HTTP/2 (ALPN)", endpoint)
         return protocol
 
     def _fail(self, reason: str) -> None:

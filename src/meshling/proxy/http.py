@@ -16,6 +16,9 @@ Errors the proxy produces itself carry ``x-meshling-error`` naming the reason:
 On a route with a Retry policy the request body is also kept as it streams (up to the
 policy's ``max_body``), so that another attempt can send it again (``proxy.retry``), and
 every response carries ``x-meshling-attempts``.
+
+On a route with a ``mirror``, a copy of the request (``proxy.mirror``) is given the body
+as it is forwarded, and leaves on its own once the request has arrived whole.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.inbound import CallerPolicies
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
+    from meshling.proxy.mirror import MirrorCopy
     from meshling.snapshot.model import Endpoint, Redirect, Route
 
 # Headers of this prefix are the mesh's own: a client may not set them.
@@ -63,7 +67,9 @@ ERROR_HEADER = b"x-meshling-error"
 # Request body bytes held while the upstream connection is being opened.
 PENDING_LIMIT = 256 * 1024
 # Protocols a client may switch to through the proxy: their bytes pass through opaque.
-UPGRADES = frozenset({b"websocket"})
+UPGRADES = frozenset({b"websocket", b"h2c"})
+# the start of the HTTP/2 connection preface: a client with prior knowledge of HTTP/2
+H2_PREFACE_START = b"PRI * HTTP/2.0"
 # Requests queued behind the one in flight (HTTP/1.1 pipelining) before reading pauses.
 PIPELINE_LIMIT = 16
 
@@ -120,6 +126,8 @@ class HttpDownstream(Side):
         self.policies: CallerPolicies | None = None
         self.closed = False
         self.draining = False
+        # no byte read yet: the first ones may be HTTP/2's preface
+        self.fresh = True
         # the current request asked to switch protocols / the upstream agreed
         self.upgrade_pending = False
         self.upgraded = False
@@ -137,14 +145,20 @@ class HttpDownstream(Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        alpn = None
         if self.chain.tls is not None:
             allowed, self.peer_identity = self.chain.tls.peer(transport)
             if not allowed:
                 self.closed = True
                 self.transport.abort()
                 return
+            ssl_object = transport.get_extra_info("ssl_object")
+            alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         # Requests of a caller that TrafficPermission denies are answered 403.
         self.permitted = self.chain.authorize(self.peer_identity)
+        if alpn == "h2":
+            self._hand_over(b"")
+            return
         if self.chain.inbound is not None:
             self.policies = self.chain.inbound.for_caller(self.peer_identity)
         peer = transport.get_extra_info("peername")
@@ -170,6 +184,14 @@ class HttpDownstream(Side):
 
     # -- reading ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.fresh:
+            self.fresh = False
+            if data.startswith(H2_PREFACE_START):
+                self.stats.cx_total -= 1
+                self.stats.cx_active -= 1
+                self.connections.discard(self)
+                self._hand_over(data)
+                return
         self.stats.bytes_received += len(data)
         self.last_activity = now = time.monotonic()
         if self.upgraded:
@@ -253,10 +275,55 @@ class HttpDownstream(Side):
         else:
             transport.resume_reading()
 
+    def _hand_over(self, data: bytes, upgrade: tuple[bytes, object] | None = None) -> None:
+        """The client speaks HTTP/2 (prior knowledge, ALPN, or an h2c upgrade): the
+        connection moves to an `H2Downstream`, with the bytes read so far."""
+        from meshling.proxy.http2 import H2Downstream
+
+        h2 = H2Downstream(self.chain, self.connections)
+        self.closed = True
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(h2)
+        h2.take_over(transport, (self.peer_identity, self.permitted), data, upgrade)  # type: ignore[arg-type]
+
+    def _upgrade_h2c(self, head: RequestHead) -> None:
+        """`Upgrade: h2c` (RFC 7540 3.2): 101, then HTTP/2 with this request as stream 1."""
+        from meshling.http2.headers import HeaderError, request_head
+
+        settings = [v for n, v in head.headers if n == b"http2-settings"]
+        if len(settings) != 1:
+            self.exchange = Exchange(self, head)
+            self.exchange.local_reply(400, "h2c_upgrade_without_http2_settings", close=True)
+            return
+        block = [
+            (b":method", head.method),
+            (b":scheme", b"http"),
+            (b":authority", head.host),
+            (b":path", head.target),
+            *((n, v) for n, v in head.headers if n not in HOP_BY_HOP and n != b"http2-settings"),
+        ]
+        self.stats.cx_total -= 1
+        self.stats.cx_active -= 1
+        self.connections.discard(self)
+        try:
+            request = request_head(block)
+        except HeaderError as exc:
+            self.exchange = Exchange(self, head)
+            self.exchange.local_reply(400, exc.reason.replace(" ", "_"), close=True)
+            return
+        self.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+        )
+        self._hand_over(b"", (settings[0], request))
+
     # -- requests -------------------------------------------------------------------
     def _start(self, head: RequestHead) -> None:
         chain = self.chain
         http = self.http
+        if head.upgrade == b"h2c":
+            self._upgrade_h2c(head)
+            return
         ex = Exchange(self, head)
         self.exchange = ex
         if not self.permitted:
@@ -290,6 +357,14 @@ class HttpDownstream(Side):
         # a weighted route picks its cluster per request (a split, or weights shifting)
         weighted = route.weighted
         cluster = chain.clusters[route.cluster if weighted is None else weighted.pick()]
+        if cluster.config.protocol == "http2" and head.upgrade is None:
+            # carried as a stream of a multiplexed HTTP/2 connection (proxy.multiplex)
+            from meshling.proxy.multiplex import H1Bridge
+
+            bridge = H1Bridge(self, head, path)
+            self.exchange = bridge  # type: ignore[assignment]
+            bridge.forward(route, cluster)
+            return
         refused = cluster.admit()  # CircuitBreaker's max_requests
         if refused is not None:
             ex.local_reply(503, refused)
@@ -305,6 +380,11 @@ class HttpDownstream(Side):
             return
         ex.endpoint = endpoint = host.endpoint
         ex.build_upstream_head()
+        if route.mirror is not None and head.upgrade is None:
+            # Only mirrored routes load and pay for the copy (proxy.mirror).
+            from meshling.proxy.mirror import start
+
+            ex.mirror = start(ex, route.mirror)
         conn = cluster.take_idle(endpoint)
         if conn is not None:
             assert isinstance(conn, HttpUpstream)
@@ -400,6 +480,7 @@ class Exchange:
         "finished",
         "head",
         "keep_alive",
+        "mirror",
         "path",
         "pending",
         "pending_size",
@@ -453,6 +534,9 @@ class Exchange:
         self.attempt_retried = False
         # retries, per-try and idle timeouts (proxy.retry), on routes with those policies
         self.attempts: Attempts | None = None
+        # the copy of the request for the route's mirror cluster (proxy.mirror), while
+        # the request arrives; None on other routes
+        self.mirror: MirrorCopy | None = None
         self.status = 0
         # body bytes received from the client and sent to it, and the proxy's own error
         self.body_in = 0
@@ -591,6 +675,8 @@ class Exchange:
         if self.attempts is not None:
             self.attempts.keep(framed, len(data))
         self._send_upstream(framed)
+        if self.mirror is not None:
+            self.mirror.data(data)
 
     def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         head = self.head
@@ -608,6 +694,11 @@ class Exchange:
             self.timer = self.downstream.chain.deadlines.add(self, route.timeout)
         if attempts is not None and not self.finished:
             attempts.request_sent()
+        mirror = self.mirror
+        if mirror is not None:
+            # the original is on its way: the copy leaves after it, on its own
+            self.mirror = None
+            mirror.send()
         if self.response_done:
             self.finish()
 
@@ -916,6 +1007,10 @@ class Exchange:
             attempts.close()
             # the two refer to each other: dropping one lets reference counting free both
             self.attempts = None
+        if self.mirror is not None:
+            # the request never arrived whole: there is nothing complete to copy
+            self.mirror.drop()
+            self.mirror = None
         downstream = self.downstream
         conn = self.upstream
         if conn is not None and not conn.upgraded:

@@ -249,6 +249,65 @@ class CallerPolicies:
         if downstream is not None and not downstream.closed:
             downstream._next()
 
+    # -- HTTP/2 streams ---------------------------------------------------------------
+    def stream(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        proceed: Callable[[Refusal | None, Faults], None],
+    ) -> None:
+        """Decide one HTTP/2 stream's policies, then call `proceed` with a refusal (429)
+        or the faults to apply: at once, or once a global lease or a delay is over.
+
+        Streams of one connection run side by side, so nothing is kept between them (an
+        HTTP/1.1 connection's requests are decided one at a time by `hold`). A bandwidth
+        fault does not apply to streams: pacing is per connection."""
+        limiter = self.limiter
+        if limiter is not None:
+            now = time.monotonic()
+            sources = limiter.local_sources
+            bucket = limiter.local if sources is None else sources.get(self.source, now)
+            if bucket is not None and not bucket.take(now):
+                proceed(limiter.refuse("local", limiter.local_count, bucket.wait()), NONE)
+                return
+            shared = limiter.global_limiter
+            if shared is not None:
+                verdict = shared.take(now)
+                if verdict is None:
+
+                    def leased(admitted: bool) -> None:
+                        if admitted:
+                            self._stream_faults(headers, proceed)
+                            return
+                        assert shared is not None
+                        reset_after = shared.lease.reset_after(time.monotonic())
+                        refusal = limiter.refuse("global", shared.conf.requests, reset_after)
+                        proceed(refusal, NONE)
+
+                    shared.wait(leased)
+                    return
+                if verdict is not True:
+                    proceed(limiter.refuse("global", verdict.limit, verdict.reset), NONE)
+                    return
+        self._stream_faults(headers, proceed)
+
+    def _stream_faults(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        proceed: Callable[[Refusal | None, Faults], None],
+    ) -> None:
+        if self.fault is None:
+            proceed(None, NONE)
+            return
+        faults = decide(self.fault, headers, self.policies.random)
+        if faults.abort is not None:
+            self.count("abort" if faults.abort else "reset")
+            proceed(None, faults)
+        elif faults.delay:
+            self.count("delay")
+            hold(self.policies.deadlines, faults.delay, lambda: proceed(None, NONE))
+        else:
+            proceed(None, NONE)
+
     def answer(self, ex: Exchange) -> bool:
         """Answer a request the policies stop (429, a fault's abort); True if answered.
         A bandwidth fault starts pacing the response here."""

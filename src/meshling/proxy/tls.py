@@ -153,7 +153,7 @@ class ServerTls:
     def __init__(self, config: DownstreamTls, field: str, stats: TlsStats) -> None:
         self.config = config
         self.context, self.bundle, self.identity, expiry = _context(
-            ssl.PROTOCOL_TLS_SERVER, config.files, field, ("http/1.1",)
+            ssl.PROTOCOL_TLS_SERVER, config.files, field, ("h2", "http/1.1")
         )
         self.stats = stats
         self.own = OwnCertificate(expiry, stats, field)
@@ -185,12 +185,23 @@ class ClientTls:
         self.context, self.bundle, self.identity, expiry = _context(
             ssl.PROTOCOL_TLS_CLIENT, config.files, field, config.alpn
         )
+        self.field = field
+        # the context offering ALPN "h2" (multiplexed HTTP/2 connections), made when needed
+        self._h2_context: ssl.SSLContext | None = None if "h2" not in config.alpn else self.context
         self.stats = stats
         self.own = OwnCertificate(expiry, stats, field)
         try:
             self.expected = SpiffeId.parse(config.identity) if config.identity else None
         except SpiffeIdError as exc:
             raise TlsConfigError(f"{field}.identity", str(exc)) from None
+
+    def h2_context(self) -> ssl.SSLContext:
+        """The same credentials, offering ALPN "h2" alone."""
+        if self._h2_context is None:
+            self._h2_context = _context(
+                ssl.PROTOCOL_TLS_CLIENT, self.config.files, self.field, ("h2",)
+            )[0]
+        return self._h2_context
 
     def authenticate(self, ssl_object: Any) -> SpiffeId:
         """The server's verified identity, which must be the expected one."""

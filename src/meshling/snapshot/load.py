@@ -25,6 +25,7 @@ from meshling.snapshot.model import (
     FilterChain,
     HeaderEdits,
     HeaderMatch,
+    Http2Limits,
     HttpFilter,
     HttpLimits,
     Listener,
@@ -32,6 +33,7 @@ from meshling.snapshot.model import (
     ProtocolDetection,
     QueryMatch,
     Redirect,
+    RequestMirror,
     Route,
     RouteConfig,
     RouteMatch,
@@ -297,6 +299,7 @@ def _cluster(node: _Node) -> Cluster:
             "circuit_breaker",
             "health_check",
             "load_balancing",
+            "protocol",
         )
     )
     endpoints = tuple(_endpoint(e) for e in node.items("endpoints", required=False))
@@ -325,6 +328,7 @@ def _cluster(node: _Node) -> Cluster:
         circuit_breaker=circuit_breaker,
         health_check=health_check,
         load_balancing=load_balancing,
+        protocol=node.get("protocol", _choice("http1", "http2", "downstream"), "http1"),  # type: ignore[arg-type]
     )
 
 
@@ -520,6 +524,7 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
             "direct_response",
             "redirect",
             "rewrite",
+            "mirror",
         )
     )
     direct = node.get("direct_response", _direct_response, None)
@@ -531,6 +536,8 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
             raise node.error(f"give exactly one of {', '.join(_ROUTE_ACTIONS)}, got {given}")
         if node.has("rewrite"):
             raise node.child("rewrite").error("a rewrite needs a route forwarding to a cluster")
+        if node.has("mirror"):
+            raise node.child("mirror").error("a mirror needs a route forwarding to a cluster")
         cluster, weighted = "", None
     else:
         cluster, weighted = _destination(node, clusters)
@@ -560,6 +567,7 @@ def _route(node: _Node, clusters: dict[str, Cluster]) -> Route:
         direct_response=direct,
         redirect=redirect,
         rewrite_prefix=rewrite,
+        mirror=node.get("mirror", lambda n: _mirror(n, clusters), None),
     )
 
 
@@ -613,6 +621,24 @@ def _redirect(node: _Node) -> Redirect:
 def _rewrite(node: _Node) -> bytes:
     node.mapping(("prefix",))
     return node.need("prefix", _url_path)
+
+
+def _percent(node: _Node) -> float:
+    """A share from 0 to 100 (a number: 30, 0.5)."""
+    value = node.value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise node.error(f"expected a percentage from 0 to 100, got {_kind(value)}")
+    if not 0 <= value <= 100:
+        raise node.error(f"{value} is out of range [0, 100]")
+    return float(value)
+
+
+def _mirror(node: _Node, clusters: dict[str, Cluster]) -> RequestMirror:
+    node.mapping(("cluster", "percent"))
+    return RequestMirror(
+        cluster=node.need("cluster", _cluster_ref(clusters)),
+        percent=node.get("percent", _percent, 100.0),
+    )
 
 
 def _timeouts(node: _Node) -> Any:
@@ -670,11 +696,35 @@ def _limits(node: _Node) -> HttpLimits:
     )
 
 
+def _http2_limits(node: _Node) -> Http2Limits:
+    node.mapping(
+        (
+            "max_concurrent_streams",
+            "stream_window",
+            "connection_window",
+            "max_header_list_size",
+            "max_resets",
+            "max_control_frames",
+            "window",
+        )
+    )
+    return Http2Limits(
+        max_concurrent_streams=node.get("max_concurrent_streams", _int(1, 10000), 100),
+        stream_window=node.get("stream_window", _int(65535, (1 << 31) - 1), 1 << 20),
+        connection_window=node.get("connection_window", _int(65535, (1 << 31) - 1), 4 << 20),
+        max_header_list_size=node.get("max_header_list_size", _int(1024, 1 << 24), 65536),
+        max_resets=node.get("max_resets", _int(1, 1 << 20), 200),
+        max_control_frames=node.get("max_control_frames", _int(1, 1 << 20), 1000),
+        window=node.get("window", _duration, 10.0),
+    )
+
+
 def _http_filter(node: _Node, clusters: dict[str, Cluster]) -> HttpFilter:
     node.mapping(
         (
             "route_config",
             "limits",
+            "http2",
             "idle_timeout",
             "merge_slashes",
             "escaped_slashes",
@@ -685,6 +735,7 @@ def _http_filter(node: _Node, clusters: dict[str, Cluster]) -> HttpFilter:
     return HttpFilter(
         route_config=node.need("route_config", lambda n: _route_config(n, clusters)),
         limits=node.get("limits", _limits, HttpLimits()),
+        http2=node.get("http2", _http2_limits, Http2Limits()),
         idle_timeout=node.get("idle_timeout", _duration, 60.0),
         merge_slashes=node.get("merge_slashes", _bool, True),
         escaped_slashes=node.get("escaped_slashes", _choice("keep", "reject", "unescape"), "keep"),  # type: ignore[arg-type]

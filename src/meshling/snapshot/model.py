@@ -30,6 +30,8 @@ HeaderMatchKind = Literal["exact", "prefix", "regex", "present"]
 EscapedSlashes = Literal["keep", "reject", "unescape"]
 LbPolicy = Literal["round_robin"]
 Protocol = Literal["http", "tcp"]
+# what a cluster's endpoints speak: HTTP/1.1, HTTP/2, or whatever the client spoke
+UpstreamProtocol = Literal["http1", "http2", "downstream"]
 ChainProtocol = Literal["http", "tcp", "auto"]
 # Long enough for a client's first write after connecting, short enough to add little to
 # the first connection of a server-speaks-first protocol, which waits this out.
@@ -108,6 +110,9 @@ class Cluster:
     health_check: HealthCheckConfig | None = None
     # how an endpoint is picked (LoadBalancing); None: round robin
     load_balancing: LoadBalancingConfig | None = None
+    # HTTP/1.1 (pooled connections), HTTP/2 (multiplexed: a few long-lived connections
+    # per endpoint; ALPN "h2" over TLS), or the protocol the client's request came in
+    protocol: UpstreamProtocol = "http1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +222,16 @@ class Redirect:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestMirror:
+    """A copy of a route's requests for another cluster (`proxy.mirror`): sent with the
+    Host suffixed `-shadow`, its response discarded; the caller never waits for it."""
+
+    cluster: str
+    # the share of the route's requests copied, 0 to 100
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Requests that match go to one cluster (or one of `weighted`, picked per request);
     the first matching route wins."""
@@ -244,6 +259,8 @@ class Route:
     redirect: Redirect | None = None
     # `rewrite.prefix`: replaces the matched path prefix of the request forwarded
     rewrite_prefix: bytes | None = None
+    # `mirror`: a copy of each request (a share of them) for another cluster; None: none
+    mirror: RequestMirror | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,11 +287,30 @@ class HttpLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Limits:
+    """What one HTTP/2 client connection may use (`meshling.http2.guard`)."""
+
+    # streams open at once (SETTINGS_MAX_CONCURRENT_STREAMS)
+    max_concurrent_streams: int = 100
+    # receive window of each stream and of the connection, in bytes
+    stream_window: int = 1 << 20
+    connection_window: int = 4 << 20
+    # decoded size of one header list (SETTINGS_MAX_HEADER_LIST_SIZE)
+    max_header_list_size: int = 65536
+    # client resets of unanswered streams, and control frames, allowed per `window`
+    max_resets: int = 200
+    max_control_frames: int = 1000
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class HttpFilter:
     """The HTTP/1.1 connection manager: parse, route, forward."""
 
     route_config: RouteConfig
     limits: HttpLimits = HttpLimits()
+    # HTTP/2 clients' limits and abuse budgets
+    http2: Http2Limits = Http2Limits()
     # idle time allowed on a downstream keep-alive connection between requests
     idle_timeout: float = 60.0
     merge_slashes: bool = True

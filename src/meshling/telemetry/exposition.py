@@ -46,10 +46,19 @@ class _Collector(Collector):
             "Time from the request head arriving to the response's last byte sent.",
             labels=["listener", "route", "cluster"],
         )
+        grpc = CounterMetricFamily(
+            "meshling_grpc_responses",
+            "gRPC calls completed, by listener, route, cluster and grpc-status "
+            '("" when a call ended without one).',
+            labels=["listener", "route", "cluster", "grpc_status"],
+        )
         for (listener, route, cluster), s in list(m.http.items()):
             for cls, n in zip(STATUS_CLASSES, s.by_class, strict=True):
                 if n:
                     requests.add_metric([listener, route, cluster, cls], n)
+            if s.grpc_statuses is not None:
+                for code, n in list(s.grpc_statuses.items()):
+                    grpc.add_metric([listener, route, cluster, code], n)
             cumulative, acc = [], 0
             for bound, n in zip((*map(str, BUCKETS), "+Inf"), s.buckets, strict=True):
                 acc += n
@@ -57,6 +66,7 @@ class _Collector(Collector):
             duration.add_metric([listener, route, cluster], cumulative, s.sum)
         yield requests
         yield duration
+        yield grpc
 
         cx_total = CounterMetricFamily(
             "meshling_downstream_connections",
@@ -81,6 +91,11 @@ class _Collector(Collector):
             "Malformed or refused requests, by the status answered.",
             labels=["listener", "status"],
         )
+        abuse = CounterMetricFamily(
+            "meshling_http2_abuse_goaways",
+            "HTTP/2 client connections ended with GOAWAY (ENHANCE_YOUR_CALM), by reason.",
+            labels=["listener", "reason"],
+        )
         for name, ls in list(m.listeners.items()):
             cx_total.add_metric([name], ls.cx_total)
             cx_active.add_metric([name], ls.cx_active)
@@ -88,7 +103,9 @@ class _Collector(Collector):
             tx.add_metric([name], ls.bytes_sent)
             for status, n in list(ls.protocol_errors.items()):
                 errors.add_metric([name, str(status)], n)
-        yield from (cx_total, cx_active, rx, tx, errors)
+            for reason, n in list(ls.abuse.items()):
+                abuse.add_metric([name, reason], n)
+        yield from (cx_total, cx_active, rx, tx, errors, abuse)
 
         up_total = CounterMetricFamily(
             "meshling_upstream_connections", "Upstream connections opened.", labels=["cluster"]
@@ -324,6 +341,7 @@ class _Collector(Collector):
             retries_skipped.add_metric([*labels, "body_too_large"], rs.body_too_large)
             per_try.add_metric(labels, rs.per_try_timeouts)
         yield from (retries, retries_skipped, per_try)
+        yield from _mirror(m)
 
         reloads = CounterMetricFamily(
             "meshling_config_reloads", "Snapshot reloads, by result.", labels=["result"]
@@ -402,3 +420,22 @@ def _detection(m: Metrics) -> Iterator[Metric]:
             cumulative.append((bound, acc))
         duration.add_metric([listener], cumulative, ds.sum)
     yield from (detections, timeouts, duration)
+
+
+def _mirror(m: Metrics) -> Iterator[Metric]:
+    copies = CounterMetricFamily(
+        "meshling_http_mirror_requests",
+        "Request copies for a mirror cluster, by outcome (sent, failed, timeout, "
+        "skipped_body_too_large, skipped_overflow, skipped_no_endpoint, skipped_incomplete).",
+        labels=["cluster", "outcome"],
+    )
+    active = GaugeMetricFamily(
+        "meshling_http_mirror_requests_active",
+        "Request copies for a mirror cluster being kept or awaiting their response.",
+        labels=["cluster"],
+    )
+    for cluster, ms in list(m.mirror.items()):
+        for outcome, n in list(ms.outcomes.items()):
+            copies.add_metric([cluster, outcome], n)
+        active.add_metric([cluster], ms.active)
+    yield from (copies, active)

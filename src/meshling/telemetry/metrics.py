@@ -37,13 +37,22 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 class HttpStats:
     """Requests and latency of one (listener, route, cluster)."""
 
-    __slots__ = ("buckets", "by_class", "count", "sum")
+    __slots__ = ("buckets", "by_class", "count", "grpc_statuses", "sum")
 
     def __init__(self) -> None:
         self.by_class = [0, 0, 0, 0, 0]
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.count = 0
         self.sum = 0.0
+        # gRPC calls by grpc-status ("" when the call ended without one); None: no call
+        self.grpc_statuses: dict[str, int] | None = None
+
+    def grpc(self, status: int | None) -> None:
+        statuses = self.grpc_statuses
+        if statuses is None:
+            statuses = self.grpc_statuses = {}
+        key = "" if status is None else str(status)
+        statuses[key] = statuses.get(key, 0) + 1
 
     def record(self, status: int, duration: float) -> None:
         cls = status // 100 - 1
@@ -56,7 +65,14 @@ class HttpStats:
 class ListenerStats:
     """Downstream connections and bytes of one listener."""
 
-    __slots__ = ("bytes_received", "bytes_sent", "cx_active", "cx_total", "protocol_errors")
+    __slots__ = (
+        "abuse",
+        "bytes_received",
+        "bytes_sent",
+        "cx_active",
+        "cx_total",
+        "protocol_errors",
+    )
 
     def __init__(self) -> None:
         self.cx_total = 0
@@ -65,6 +81,8 @@ class ListenerStats:
         self.bytes_sent = 0
         # malformed requests by the status the proxy answered with
         self.protocol_errors: dict[int, int] = {}
+        # HTTP/2 connections ended for abuse (GOAWAY ENHANCE_YOUR_CALM), by reason
+        self.abuse: dict[str, int] = {}
 
 
 # Protocol detection times in seconds: a client's first bytes arrive within a round trip;
@@ -207,6 +225,23 @@ class RetryStats:
         self.per_try_timeouts = 0
 
 
+class MirrorStats:
+    """Request copies for one mirror cluster (`proxy.mirror`): by outcome, and in flight."""
+
+    __slots__ = ("active", "outcomes")
+
+    def __init__(self) -> None:
+        # copies being kept (their request still arriving) or sent and not yet answered
+        self.active = 0
+        # by outcome: "sent" (answered below 500), "failed", "timeout", and the copies
+        # not sent: "skipped_body_too_large", "skipped_overflow", "skipped_no_endpoint",
+        # "skipped_incomplete"
+        self.outcomes: dict[str, int] = {}
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
 class RateLimitStats:
     """RateLimit refusals of one listener, by rule, and the state of its global limits."""
 
@@ -261,6 +296,7 @@ class Metrics:
         self.fault: dict[str, FaultStats] = {}
         self.detection: dict[str, DetectionStats] = {}
         self.retry: dict[tuple[str, str, str], RetryStats] = {}
+        self.mirror: dict[str, MirrorStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
         self.access_log_dropped = 0
@@ -314,6 +350,12 @@ class Metrics:
         stats = self.retry.get(key)
         if stats is None:
             stats = self.retry[key] = RetryStats()
+        return stats
+
+    def mirror_stats(self, cluster: str) -> MirrorStats:
+        stats = self.mirror.get(cluster)
+        if stats is None:
+            stats = self.mirror[cluster] = MirrorStats()
         return stats
 
     def rate_limit_stats(self, listener: str) -> RateLimitStats:

@@ -169,6 +169,17 @@ class MeshIndex:
         self._outbound: dict[tuple[str, Tags, str], OutboundPolicies] = {}
         self._inbound: dict[tuple[str, Tags], dict[str, Any]] = {}
 
+    def speaks_http(self, service: str) -> bool:
+        """Does every inbound of `service` take HTTP (so that its proxies can turn HTTP/2
+        streams from other proxies back into what its app speaks)?"""
+        http = {"http", "http2", "grpc"}
+        if not self.mesh.mtls.enabled:
+            http.add("auto")  # detection sees HTTP/2's preface too, when not inside TLS
+        dataplanes = self._by_service.get(service, ())
+        return bool(dataplanes) and all(
+            inbound.protocol in http for d in dataplanes for inbound in d.inbounds
+        )
+
     def endpoints(
         self, service: str, excluding: str, *, zones: bool = False
     ) -> list[dict[str, Any]]:

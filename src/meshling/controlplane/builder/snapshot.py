@@ -32,7 +32,7 @@ only where a resource governs:
 * **routes** kinds (HTTPRoute, TCPRoute) act in the caller like route kinds, but in
   place of the route: an HTTPRoute's rules become routes before the one to the whole
   service (each with the route kinds' fragments), a TCPRoute's backends the `tcp`
-  filter's `weighted_clusters`; every backend cluster is added, a subset
+  filter's `weighted_clusters`; every backend cluster (a mirror's too) is added, a subset
   (`api~version=v2`) with the service's identity and cluster policies and, as endpoints,
   the service's dataplanes carrying its tags;
 * **chain** kinds (RateLimit, FaultInjection) act in the called: every inbound chain of
@@ -80,6 +80,8 @@ LOOPBACK = "127.0.0.1"
 _VERSION_HEX_DIGITS = 16
 # where `_body` leaves the endpoints of a service's cluster, for the index to fill in
 _FROM_INDEX: Any = object()
+# the dataplane protocols of apps that speak HTTP/2
+HTTP2_PROTOCOLS = frozenset({"http2", "grpc"})
 # ... and where the cluster's endpoints are to carry their zones
 _FROM_INDEX_WITH_ZONES: Any = object()
 
@@ -200,6 +202,10 @@ def _body(
         # Detection does not look inside TLS yet: with mTLS on, an auto inbound is opaque
         # (the caller's outbound, on plaintext from its app, still detects).
         protocol = "tcp" if inbound.protocol == "auto" and tls is not None else inbound.protocol
+        if protocol in HTTP2_PROTOCOLS:
+            # the app speaks HTTP/2 (gRPC): so does its proxy, to it
+            cluster["protocol"] = "http2"
+            protocol = "http"
         chain = _chain(protocol, f"inbound:{inbound.port}", "local", cluster["name"])
         # fresh dicts per chain: a shared one would come out as a YAML alias
         if inbound_policies:
@@ -211,17 +217,20 @@ def _body(
     zoned = False
     for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
         policies = index.outbound(dataplane, outbound.service)
+        protocol = "http" if outbound.protocol in HTTP2_PROTOCOLS else outbound.protocol
         cluster = _service_cluster(outbound.service, mesh, tls, policies)
+        _between_proxies(cluster, outbound.protocol, mesh, index)
         zoned = zoned or policies.zones
         clusters[cluster["name"]] = cluster
         # the backends of a route policy: subsets of the service, or other services
-        for backend in _backend_clusters(outbound.protocol, policies):
+        for backend in _backend_clusters(protocol, policies):
             if backend not in clusters:
                 backend_policies = index.outbound(dataplane, subset_of(backend)[0])
                 clusters[backend] = _service_cluster(backend, mesh, tls, backend_policies)
+                _between_proxies(clusters[backend], outbound.protocol, mesh, index)
                 zoned = zoned or backend_policies.zones
         name = f"outbound:{outbound.service}"
-        chain = _chain(outbound.protocol, name, outbound.service, outbound.service, policies)
+        chain = _chain(protocol, name, outbound.service, outbound.service, policies)
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
 
     body: dict[str, Any] = {"node": dataplane.name}
@@ -296,6 +305,7 @@ def _rule_routes(
                 "direct_response",
                 "redirect",
                 "rewrite",
+                "mirror",
                 "request_headers",
                 "response_headers",
             ):
@@ -308,14 +318,31 @@ def _rule_routes(
 
 def _backend_clusters(protocol: str, policies: OutboundPolicies) -> list[str]:
     """The clusters an outbound's route policies send to (an HTTPRoute's on an HTTP
-    path, a TCPRoute's on a TCP one; "auto" has both)."""
+    path, its mirrors' among them, a TCPRoute's on a TCP one; "auto" has both)."""
     routing = policies.routes
     rules: list[Any] = []
     if protocol != "tcp" and "http_route" in routing:
         rules.extend(routing["http_route"]["rules"])
     if protocol != "http" and "tcp_route" in routing:
         rules.append(routing["tcp_route"])
-    return sorted({c["cluster"] for rule in rules for c in rule.get("weighted_clusters", ())})
+    names = {c["cluster"] for rule in rules for c in rule.get("weighted_clusters", ())}
+    names.update(rule["mirror"]["cluster"] for rule in rules if "mirror" in rule)
+    return sorted(names)
+
+
+def _between_proxies(cluster: dict[str, Any], protocol: str, mesh: Mesh, index: MeshIndex) -> None:
+    """How a service's cluster speaks HTTP to the destination's proxies: HTTP/2, one
+    multiplexed connection per peer, when the destination's inbounds all speak HTTP
+    (their proxies turn streams back into what the app speaks); else what the client
+    spoke. An app declared to speak HTTP/2 (gRPC) is always carried over HTTP/2."""
+    if protocol == "tcp":
+        return
+    if protocol in HTTP2_PROTOCOLS or (
+        mesh.multiplex and index.speaks_http(subset_of(cluster["name"])[0])
+    ):
+        cluster["protocol"] = "http2"
+    else:
+        cluster["protocol"] = "downstream"
 
 
 def _local_cluster(inbound: Inbound) -> dict[str, Any]:

@@ -8,7 +8,7 @@ spec:
   address: 10.0.0.7            # where other proxies reach this one
   tags: {version: v1, zone: a}
   inbounds:                    # proxy port (mesh side) -> the local app's port
-    - {port: 15006, service_port: 8080, protocol: http}     # http | tcp (default) | auto
+    - {port: 15006, service_port: 8080, protocol: http}     # http | http2 | grpc | tcp (default) | auto
   outbounds:                   # local port the app calls -> a destination service
     - {port: 15001, service: web, protocol: http}
   admin: {port: 9901}          # loopback only; default 9901
@@ -31,7 +31,8 @@ KIND = "Dataplane"
 DEFAULT_ADMIN_PORT = 9901
 
 # auto: told apart per connection from the first bytes (HTTP/1 as http, the rest as tcp)
-Protocol = Literal["http", "tcp", "auto"]
+# http2 and grpc: the app speaks HTTP/2 (cleartext, prior knowledge) on that port
+Protocol = Literal["http", "http2", "grpc", "tcp", "auto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +125,10 @@ def _port(node: _Node) -> int:
 
 
 def _protocol(node: _Node) -> Protocol:
-    if node.value == "http":
-        return "http"
-    if node.value == "tcp":
-        return "tcp"
-    if node.value == "auto":
-        return "auto"
-    raise node.error(f"must be one of http, tcp, auto, got {node.value!r}")
+    for protocol in ("http", "http2", "grpc", "tcp", "auto"):
+        if node.value == protocol:
+            return protocol
+    raise node.error(f"must be one of http, http2, grpc, tcp, auto, got {node.value!r}")
 
 
 def _inbound(node: _Node) -> Inbound:

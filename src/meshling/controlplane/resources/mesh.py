@@ -7,6 +7,7 @@ spec:
   mtls:                   # absent: plaintext between proxies
     enabled: true         # false: plaintext between proxies
     mode: strict          # strict | permissive (inbounds also accept plaintext callers)
+  multiplex: true         # HTTP/1.1 between proxies over multiplexed HTTP/2 (default)
 ```
 """
 
@@ -43,6 +44,10 @@ class Mesh:
     # the SPIFFE trust domain of the mesh's identities
     name: str
     mtls: MeshTls = MeshTls()
+    # carry HTTP/1.1 requests between proxies as streams of a few long-lived HTTP/2
+    # connections per peer (as Linkerd does); false: one HTTP/1.1 connection per request
+    # in flight, pooled
+    multiplex: bool = True
     # free-form key/values for selecting resources; not used in snapshots
     labels: dict[str, str] = field(default_factory=dict, hash=False)
 
@@ -57,10 +62,11 @@ def parse_mesh(document: Any, source: str) -> Mesh:
     if kind != KIND:
         raise root.child("kind").error(f"expected kind {KIND}, got {kind!r}")
     meta = root.need("metadata", lambda n: n.mapping(("name", "labels")))
-    spec = root.get("spec", lambda n: n.mapping(("mtls",)), None)
+    spec = root.get("spec", lambda n: n.mapping(("mtls", "multiplex")), None)
     return Mesh(
         name=meta.need("name", metadata.mesh),
         mtls=spec.get("mtls", _mtls, MeshTls()) if spec is not None else MeshTls(),
+        multiplex=spec.get("multiplex", metadata.flag, True) if spec is not None else True,
         labels=meta.get("labels", metadata.string_map, {}),
     )
 

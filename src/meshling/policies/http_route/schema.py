@@ -23,6 +23,11 @@ spec:
       - matches: [{path: {prefix: /old/}}]
         backends: [{service: api}]
         rewrite: {prefix: /new/}     # the matched prefix, replaced upstream (query kept)
+      - matches: [{path: {prefix: /search}}]
+        backends: [{service: api, tags: {version: v1}}]
+        mirror:                      # a copy of 30% of the requests, answers discarded
+          backend: {service: api, tags: {version: v2}}  # a backend, without weight
+          percent: 30                # 0 to 100; 100 by default
       - matches: [{path: {exact: /docs}}]
         redirect: {host: docs.example.com, path: /, status: 302}  # scheme, port too
       - matches: [{path: {prefix: /internal}}]
@@ -45,7 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshling.policies.backends import Backend, parse_backends
+from meshling.policies.backends import Backend, parse_backend, parse_backends
 from meshling.policies.outbound import parse_outbound
 
 if TYPE_CHECKING:
@@ -53,6 +58,18 @@ if TYPE_CHECKING:
     from meshling.snapshot.load import _Node
 
 KIND = "HTTPRoute"
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteMirror:
+    """Copies of a rule's requests for another backend, sent as well as the request
+    (Host suffixed `-shadow`); the caller never waits for them, their answers are
+    discarded."""
+
+    # where the copies go: a service, or the instances of it carrying some tags
+    backend: Backend
+    # the share of the rule's requests copied, 0 to 100
+    percent: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +90,8 @@ class HTTPRouteRule:
     redirect: dict[str, Any] | None = None
     # with backends: `{prefix: /new/}` replaces the matched path prefix forwarded
     rewrite: dict[str, Any] | None = None
+    # with backends: copies of the requests for another backend (None: none)
+    mirror: HTTPRouteMirror | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +137,7 @@ def _rule(node: _Node, mesh: str) -> HTTPRouteRule:
             "direct_response",
             "redirect",
             "rewrite",
+            "mirror",
             "request_headers",
             "response_headers",
         )
@@ -160,6 +180,9 @@ def _rule(node: _Node, mesh: str) -> HTTPRouteRule:
                     .child("path")
                     .error("a rule with a prefix rewrite needs prefix path matches")
                 )
+    mirror = node.get("mirror", lambda n: _mirror(n, mesh), None)
+    if mirror is not None and not backends:
+        raise node.child("mirror").error("a mirror needs backends to forward to")
     return HTTPRouteRule(
         tuple(matches),
         backends,
@@ -168,4 +191,15 @@ def _rule(node: _Node, mesh: str) -> HTTPRouteRule:
         direct_response=documents["direct_response"],
         redirect=documents["redirect"],
         rewrite=documents["rewrite"],
+        mirror=mirror,
+    )
+
+
+def _mirror(node: _Node, mesh: str) -> HTTPRouteMirror:
+    from meshling.snapshot.load import _percent
+
+    node.mapping(("backend", "percent"))
+    return HTTPRouteMirror(
+        backend=node.need("backend", lambda n: parse_backend(n, mesh, weighted=False)),
+        percent=node.get("percent", _percent, 100.0),
     )

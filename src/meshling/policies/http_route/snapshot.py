@@ -11,6 +11,7 @@ rules:
   - matches: [{path: {prefix: /old/}}]
     weighted_clusters: [{cluster: api, weight: 1}]
     rewrite: {prefix: /new/}                # the rule's action, when it has one: rewrite
+    mirror: {cluster: "api~version=v2", percent: 30}  # copies for another cluster
   - matches: [{path: {exact: /docs}}]
     redirect: {host: docs.example.com}      # or redirect / direct_response in place of
                                             # weighted_clusters
@@ -19,7 +20,8 @@ rules:
 The builder makes one route per match (one matching everything for a rule without
 matches), in order, then a last route to the whole service for requests no rule
 matches; each route takes the outbound's route policies (Timeout, Retry), and each
-subset cluster named here is made from its name (`policies.backends.subset_of`).
+subset cluster named here, a mirror's too, is made from its name
+(`policies.backends.subset_of`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def fragment(resource: HTTPRoute) -> dict[str, Any]:
             value = getattr(rule, key)
             if value is not None:
                 document[key] = copy.deepcopy(value)
+        if rule.mirror is not None:
+            percent = rule.mirror.percent
+            document["mirror"] = {
+                "cluster": rule.mirror.backend.cluster,
+                # 30 rather than 30.0: the snapshot reads the same either way
+                "percent": int(percent) if percent.is_integer() else percent,
+            }
         if rule.request_headers is not None:
             document["request_headers"] = copy.deepcopy(rule.request_headers)
         if rule.response_headers is not None:

@@ -35,6 +35,13 @@ CONDITIONS = (
     "gateway-error",  # 502, 503 or 504, and an attempt that timed out
     "connect-failure",  # no connection to the endpoint: the request never left the proxy
     "reset",  # the connection ended before a response head arrived
+    # a gRPC call that ended with this grpc-status before any message of its answer
+    # (`meshling.http2.grpc.RETRY_CONDITIONS`); gRPC calls are retried whatever `methods`
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
 )
 DEFAULT_CONDITIONS = ("5xx", "connect-failure", "reset")
 # RFC 9110 9.2.2: repeating these has the effect of doing it once
