@@ -54,7 +54,8 @@ def test_http1_requests_share_one_http2_connection(start_proxy, pki: Pki, nginx:
     assert request(web.port, "POST", "/upload", b"x" * 300_000)[0] == 200
     conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
     conn.request("POST", "/upload", body=iter([b"a" * 1000] * 50), encode_chunked=True)
-    assert conn.getresponse().status == 200
+    response = conn.getresponse()
+    assert response.status == 200, (response.getheaders(), response.read())
     conn.close()
     status, headers, body = request(web.port, "HEAD", "/big.bin")
     assert status == 200 and body == b"" and headers["content-length"] == str(4 * 1024 * 1024)

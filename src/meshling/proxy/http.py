@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from itertools import count
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from meshling.http1 import (
     HOP_BY_HOP,
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
     from meshling.proxy.mirror import MirrorCopy
     from meshling.snapshot.model import Endpoint, Redirect, Route
+    from meshling.telemetry.metrics import HttpStats
 
 # Headers of this prefix are the mesh's own: a client may not set them.
 INTERNAL_PREFIX = b"x-meshling-"
@@ -320,7 +321,6 @@ class HttpDownstream(Side):
     # -- requests -------------------------------------------------------------------
     def _start(self, head: RequestHead) -> None:
         chain = self.chain
-        http = self.http
         if head.upgrade == b"h2c":
             self._upgrade_h2c(head)
             return
@@ -332,17 +332,13 @@ class HttpDownstream(Side):
         if self.policies is not None and self.policies.answer(ex):
             return  # refused by a rate limit (429), or aborted by a fault
         try:
-            path = normalize_path(
-                head.path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes
+            path, route = find_route(
+                chain, head.host, head.method, head.path, head.headers, head.query
             )
         except PathError as exc:
             self.protocol_error(exc.status, exc.reason)
             return
         ex.path = path
-        assert chain.router is not None
-        route = chain.router.route(
-            head.host, head.method, path.decode("latin-1"), head.headers, head.query
-        )
         if route is None:
             ex.local_reply(404, "route_not_found")
             return
@@ -1047,37 +1043,60 @@ class Exchange:
                 downstream.close()
 
     def _record(self) -> None:
-        chain = self.downstream.chain
-        route = self.route
-        duration = time.monotonic() - self.start
-        route_name = route.name if route is not None else "none"
-        if self.cluster is not None:
-            cluster_name = self.cluster.config.name  # the one picked, on a weighted route
-        else:
-            cluster_name = route.cluster if route is not None else "none"
-        chain.metrics.http_stats(chain.listener, route_name, cluster_name).record(
-            self.status, duration
-        )
-        log = chain.access_log
-        if log is not None:
-            # In meshling.telemetry.accesslog's record order.
-            log.log(
-                (
-                    time.time() - duration,
-                    duration,
-                    chain.listener,
-                    route_name,
-                    cluster_name,
-                    self.endpoint,
-                    self.downstream.peer,
-                    self.head,
-                    self.status,
-                    self.body_in,
-                    self.body_out,
-                    self.error,
-                    self.request_id,
-                )
+        record(self, self.downstream.chain, self.downstream.peer)
+
+
+def record(ex: Any, chain: ChainRuntime, peer: bytes) -> HttpStats:
+    """Count an ended exchange (HTTP/1.1 or an HTTP/2 stream) in its route's metrics and
+    write its access log record; the route's counters, for more of them."""
+    route = ex.route
+    duration = time.monotonic() - ex.start
+    route_name = route.name if route is not None else "none"
+    if ex.cluster is not None:
+        cluster_name = ex.cluster.config.name  # the one picked, on a weighted route
+    else:
+        cluster_name = route.cluster if route is not None else "none"
+    stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name)
+    stats.record(ex.status, duration)
+    log = chain.access_log
+    if log is not None:
+        # In meshling.telemetry.accesslog's record order.
+        log.log(
+            (
+                time.time() - duration,
+                duration,
+                chain.listener,
+                route_name,
+                cluster_name,
+                ex.endpoint,
+                peer,
+                ex.head,
+                ex.status,
+                ex.body_in,
+                ex.body_out,
+                ex.error,
+                ex.request_id,
             )
+        )
+    return stats
+
+
+def find_route(
+    chain: ChainRuntime,
+    host: bytes,
+    method: bytes,
+    raw_path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    query: bytes,
+) -> tuple[bytes, Route | None]:
+    """The normalised path of a request and the route it takes (None: no route);
+    PathError for a path that cannot be served."""
+    http = chain.http
+    assert http is not None and chain.router is not None
+    path = normalize_path(
+        raw_path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes
+    )
+    return path, chain.router.route(host, method, path.decode("latin-1"), headers, query)
 
 
 class HttpUpstream(Side):

@@ -62,8 +62,8 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from meshling.http1 import Data, EndOfMessage, ParseError, ResponseHead
-from meshling.http1.path import PathError, normalize_path
+from meshling.http1 import HOP_BY_HOP, Data, EndOfMessage, ParseError, ResponseHead
+from meshling.http1.path import PathError
 from meshling.http2 import grpc
 from meshling.http2.guard import FloodGuard
 from meshling.http2.headers import (
@@ -477,9 +477,9 @@ class H2Downstream(H2Side):
             self.drain()  # this stream is served; the next ones come on a new connection
         ex = H2Exchange(self, sid, head)
         self.streams[sid] = ex
+        # a request that ended with its head goes upstream as one HEADERS frame
+        ex.request_done = ended
         ex.begin()
-        if ended and not ex.finished:
-            ex.request_end(None)
 
     def _calm_down(self) -> None:
         """An abusive client: GOAWAY (ENHANCE_YOUR_CALM), and the connection ends."""
@@ -743,20 +743,17 @@ class H2Exchange:
         """Route the request and send it on, or answer it as its route says."""
         down = self.down
         chain = down.chain
-        http = down.http
         head = self.head
+        from meshling.proxy.http import find_route
+
         try:
-            path = normalize_path(
-                head.path, merge_slashes=http.merge_slashes, escaped_slashes=http.escaped_slashes
+            path, route = find_route(
+                chain, head.authority, head.method, head.path, head.headers, head.query
             )
         except PathError as exc:
             self.local_reply(exc.status, exc.reason.replace(" ", "_"))
             return
         self.path = path
-        assert chain.router is not None
-        route = chain.router.route(
-            head.authority, head.method, path.decode("latin-1"), head.headers, head.query
-        )
         if route is None:
             self.local_reply(404, "route_not_found")
             return
@@ -817,6 +814,19 @@ class H2Exchange:
         assert cluster is not None
         protocol = cluster.config.protocol
         self.upstream_h2 = protocol == "http2" or protocol == "downstream"
+        endpoint = self.endpoint
+        assert endpoint is not None
+        # The usual case needs no task: a connection with room, or an idle pooled one.
+        if self.upstream_h2:
+            open_conn = with_room(cluster, endpoint)
+            if open_conn is not None:
+                self._open_h2(open_conn)
+                return
+        else:
+            idle = cluster.take_idle(endpoint)
+            if idle is not None:
+                self._open_h1(cast("HttpUpstream", idle))
+                return
         self.connect_task = asyncio.ensure_future(self._connect())
 
     async def _connect(self) -> None:
@@ -975,7 +985,9 @@ class H2Exchange:
 
     # -- the request body -------------------------------------------------------------------------
     def request_data(self, data: bytes, flow: int) -> None:
-        if self.finished:
+        if self.finished or not data:
+            # an empty DATA frame (often the one that ends the stream) carries nothing:
+            # a zero-length chunk would end an HTTP/1.1 body
             self.down.ack(self.sid, flow)
             return
         self.body_in += len(data)
@@ -1135,7 +1147,7 @@ class H2Exchange:
                 conn.keep_alive = event.keep_alive
                 if self._retry(event.status, None):
                     return
-                fields = [(n, v) for n, v in event.headers if n not in _HOP_BY_HOP]
+                fields = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
                 self._send_head(event.status, fields, False)
             elif kind is EndOfMessage:
                 self.response_done = True
@@ -1409,50 +1421,11 @@ class H2Exchange:
         down.stream_done(self)
 
     def _record(self) -> None:
-        chain = self.down.chain
-        route = self.route
-        duration = time.monotonic() - self.start
-        route_name = route.name if route is not None else "none"
-        if self.cluster is not None:
-            cluster_name = self.cluster.config.name
-        else:
-            cluster_name = route.cluster if route is not None else "none"
-        stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name)
-        stats.record(self.status, duration)
+        from meshling.proxy.http import record
+
+        stats = record(self, self.down.chain, self.down.peer)
         if self.is_grpc:
             stats.grpc(self.grpc_status)
-        log = chain.access_log
-        if log is not None:
-            log.log(
-                (
-                    time.time() - duration,
-                    duration,
-                    chain.listener,
-                    route_name,
-                    cluster_name,
-                    self.endpoint,
-                    self.down.peer,
-                    self.head,
-                    self.status,
-                    self.body_in,
-                    self.body_out,
-                    self.error,
-                    self.request_id,
-                )
-            )
-
-
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 
 
 def _retries(ex: H2Exchange, route: Route, cluster: ClusterRuntime) -> RouteRetries:
@@ -1624,17 +1597,29 @@ class H2Upstream(H2Side):
             ex.up_reset(ErrorCodes.CONNECT_ERROR)
 
 
+def with_room(cluster: ClusterRuntime, endpoint: Endpoint) -> H2Upstream | None:
+    """An open connection to `endpoint` with room for another stream, if there is one
+    (none while the proxy's own certificate is expired: `connect` refuses and says so)."""
+    tls = cluster.tls
+    if tls is not None and tls.own.expired(time.time()):
+        return None
+    conns = cluster.pools.multiplexed.get((endpoint, cluster.config.tls))
+    if conns:
+        for conn in conns:
+            if conn.has_room():
+                return cast(H2Upstream, conn)
+    return None
+
+
 async def multiplexed(cluster: ClusterRuntime, endpoint: Endpoint, timeout: float) -> H2Upstream:
     """A connection to `endpoint` with room for another stream: one already open, the
     one being opened, or a new one (a ConnectError if it cannot be made)."""
     pools = cluster.pools
     key = (endpoint, cluster.config.tls)
     while True:
-        conns = pools.multiplexed.get(key)
-        if conns:
-            for conn in conns:
-                if conn.has_room():
-                    return cast(H2Upstream, conn)
+        found = with_room(cluster, endpoint)
+        if found is not None:
+            return found
         opening = pools.opening.get(key)
         if opening is None:
             break

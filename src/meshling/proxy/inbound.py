@@ -189,10 +189,8 @@ class CallerPolicies:
         limiter = self.limiter
         if limiter is not None:
             now = time.monotonic()
-            sources = limiter.local_sources
-            bucket = limiter.local if sources is None else sources.get(self.source, now)
-            if bucket is not None and not bucket.take(now):
-                self.refusal = limiter.refuse("local", limiter.local_count, bucket.wait())
+            self.refusal = self._local(limiter, now)
+            if self.refusal is not None:
                 return False
             shared = limiter.global_limiter
             if shared is not None:
@@ -216,6 +214,15 @@ class CallerPolicies:
             else:
                 return False
         return self._decide_faults(downstream, head)
+
+    def _local(self, limiter: RuleLimiter, now: float) -> Refusal | None:
+        """Take from the local bucket (the caller's own, per source); the refusal when
+        it is empty."""
+        sources = limiter.local_sources
+        bucket = limiter.local if sources is None else sources.get(self.source, now)
+        if bucket is not None and not bucket.take(now):
+            return limiter.refuse("local", limiter.local_count, bucket.wait())
+        return None
 
     def _decide_faults(self, downstream: HttpDownstream, head: RequestHead) -> bool:
         assert self.fault is not None
@@ -264,10 +271,9 @@ class CallerPolicies:
         limiter = self.limiter
         if limiter is not None:
             now = time.monotonic()
-            sources = limiter.local_sources
-            bucket = limiter.local if sources is None else sources.get(self.source, now)
-            if bucket is not None and not bucket.take(now):
-                proceed(limiter.refuse("local", limiter.local_count, bucket.wait()), NONE)
+            refusal = self._local(limiter, now)
+            if refusal is not None:
+                proceed(refusal, NONE)
                 return
             shared = limiter.global_limiter
             if shared is not None:

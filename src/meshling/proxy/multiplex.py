@@ -78,6 +78,9 @@ class H1Bridge:
             ),
         )
         self.ex.path = path
+        if not head.chunked and not head.content_length:
+            # no body: the request is whole with its head (one HEADERS frame upstream)
+            self.ex.request_done = True
 
     def forward(self, route: Route, cluster: ClusterRuntime) -> None:
         self.ex.route = route
