@@ -19,11 +19,18 @@ counts the TLS handshakes between the two proxies, and runs bench/paced.py at a 
 1000 requests/s through each hop and straight to the upstream, for the p99 latency a hop
 adds at a modest load. A second table and its own targets follow the first.
 
-    .venv/bin/python bench/run.py            # 10 s per scenario, about three minutes in all
+Last, the same hop over HTTP/2 (bench/h2_hop.py): h2load with prior knowledge through two
+proxies joined by mTLS HTTP/2 to the upstream, and gRPC unary calls through the same hop
+to bench/grpc_responder.py, for meshling and for a HAProxy pair configured for h2. It
+reports requests/s, latency, both proxies' CPU per request and the connections between
+the two proxies, at two loads for the HTTP/2 hop. A third table and its targets follow.
+
+    .venv/bin/python bench/run.py            # 10 s per scenario, about four minutes in all
     .venv/bin/python bench/run.py --quick    # 3 s per scenario
     .venv/bin/python bench/run.py --only haproxy-http meshling-http
     .venv/bin/python bench/run.py --only meshling-http meshling-http+policies
     .venv/bin/python bench/run.py --only meshling-mtls-hop haproxy-mtls-hop
+    .venv/bin/python bench/run.py --only meshling-h2-hop haproxy-h2-hop meshling-grpc-hop haproxy-grpc-hop
 
 Every peer is started here, from a config written to a temporary directory, and stopped
 by PID at the end, also on errors and Ctrl-C. Everything listens on 127.0.0.1 only.
@@ -52,6 +59,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from h2_hop import (
+    GRPC_LOADS,
+    GRPC_MESSAGE,
+    GRPC_METHOD,
+    H2_LOADS,
+    H2_TARGETS,
+    H2HopResult,
+    grpc_body,
+    grpc_unary,
+    h2_measured,
+    h2_rows,
+    h2load_argv,
+    haproxy_h2_hop_conf,
+    latencies_us,
+    meshling_h2_hop_conf,
+    parse_h2load,
+    responder_stats,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -109,6 +134,7 @@ HOP_TARGETS = [
     ("hop added p99", "meshling-mtls-hop paced p99 - direct paced p99", 0.3, " ms", False),
 ]
 PACED = ROOT / "bench" / "paced.py"
+RESPONDER = ROOT / "bench" / "grpc_responder.py"
 PACED_RATE = 1000.0  # requests/s of the latency run
 PACED_CONNECTIONS = 4
 MESH = "bench"  # the trust domain of the hop's certificates
@@ -257,6 +283,19 @@ def cpu_ticks(pids: list[int]) -> int:
             fields = stat[stat.rindex(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total
+
+
+def cpu_busy(cpu: int | None) -> tuple[int, int]:
+    """(busy, all) clock ticks of one CPU so far, from /proc/stat; (0, 0) without one."""
+    if cpu is None:
+        return 0, 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            # user nice system idle iowait irq softirq steal (guest time is in user's)
+            ticks = [int(n) for n in line.split()[1:9]]
+            busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
+            return busy, sum(ticks)
+    return 0, 0
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -619,8 +658,10 @@ def meshling_hop_conf(
     target: int,
     listener_tls: dict[str, Any] | None,
     cluster_tls: dict[str, Any] | None,
+    protocol: str = "http1",
 ) -> Path:
-    """One half of the meshling hop: an HTTP listener routing everything to one endpoint."""
+    """One half of the meshling hop: an HTTP listener routing everything to one endpoint
+    (over HTTP/1.1, or `protocol: http2`: multiplexed streams)."""
     chain: dict[str, Any] = {
         "name": "http",
         "http": {
@@ -637,7 +678,11 @@ def meshling_hop_conf(
     }
     if listener_tls:
         chain["tls"] = listener_tls
-    cluster: dict[str, Any] = {"name": "next", "endpoints": [{"address": HOST, "port": target}]}
+    cluster: dict[str, Any] = {
+        "name": "next",
+        "endpoints": [{"address": HOST, "port": target}],
+        "protocol": protocol,
+    }
     if cluster_tls:
         cluster["tls"] = cluster_tls
     snapshot: dict[str, Any] = {
@@ -655,6 +700,28 @@ def meshling_hop_conf(
 
 def admin_ready(admin: int) -> bool:
     return http_get(admin, "/ready")[0] == 200
+
+
+def admin_text(admin: int, path: str) -> str:
+    status, body = http_get(admin, path, timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"GET {path} on the admin port gave {status}")
+    return body.decode()
+
+
+def haproxy_up(stats: Path) -> bool:
+    """Whether a HAProxy answers on its stats socket (its listeners are bound by then)."""
+    return "Uptime_sec" in haproxy_info(stats)
+
+
+def responder_up(port: int) -> bool:
+    import grpc
+
+    try:
+        responder_stats(port)
+    except grpc.RpcError:
+        return False
+    return True
 
 
 def metric_sum(text: str, name: str, *labels: str) -> float:
@@ -709,6 +776,29 @@ class HopScenario:
     clean_exit: bool = False
 
 
+@dataclass
+class H2Hop:
+    """A started HTTP/2 hop: the port to load, and what to read from its proxies."""
+
+    port: int
+    # connections from the first proxy to the second: (open now, opened since the start)
+    connections: Callable[[], tuple[int, int]]
+    # after the runs: anything the proxies counted that should not have happened
+    problems: Callable[[], list[str]] = lambda: []
+
+
+@dataclass
+class H2HopScenario:
+    name: str
+    description: str
+    # starts the pair, given whether it is the gRPC hop
+    start: Callable[[Bench, bool], H2Hop]
+    grpc: bool
+    # (h2load clients, streams per client), measured one after the other on the same pair
+    loads: tuple[tuple[int, int], ...]
+    clean_exit: bool = False
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -735,12 +825,17 @@ class Bench:
         self.certs: Certificates | None = None
         self.hop_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paced_direct: dict[str, Any] | None = None
+        # the HTTP/2 hops: the gRPC server (started by the first gRPC hop) and h2load's body
+        self.responder_port = self.responder_pid = 0
+        self.grpc_body: Path | None = None
+        self.upstream_pid = 0
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
         conf = nginx_conf(self.workdir, "upstream", upstream_block(self.upstream_port))
         proc = self.processes.start("upstream", nginx_argv(self.nginx, conf), self.load_cpu)
         self.wait_serving("upstream", proc, self.upstream_port)
+        self.upstream_pid = proc.pid
 
     def wait_ready(
         self, name: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool]
@@ -937,22 +1032,29 @@ class Bench:
         except Exception as exc:
             result.error = str(exc)
         finally:
-            # the caller's proxy first, so that the other one sees its clients leave
-            for name, proc in reversed(self.hop_procs.items()):
-                crashed = proc.poll() is not None
-                code = result.exit_codes[name] = self.processes.stop(proc)
-                if result.error or crashed:
-                    tail = self.processes.output(name)
-                    if tail:
-                        result.notes.append(f"{name} output:\n{tail}")
-                elif scenario.clean_exit and code is None:
-                    result.notes.append(
-                        f"{name} still running {STOP_TIMEOUT:g} s after SIGTERM: killed"
-                    )
-                elif scenario.clean_exit and code != 0:
-                    result.notes.append(f"{name} exit code {code} after SIGTERM, wanted 0")
-            self.hop_procs = {}
+            result.exit_codes, notes = self.stop_hop(scenario.clean_exit, result.error is not None)
+            result.notes.extend(notes)
         return result
+
+    def stop_hop(self, clean_exit: bool, failed: bool) -> tuple[dict[str, int | None], list[str]]:
+        """Stop the hop's proxies; their exit codes, and what to note about how they ended
+        (with `failed`, or if one crashed, the last lines of its output)."""
+        codes: dict[str, int | None] = {}
+        notes = []
+        # the caller's proxy first, so that the other one sees its clients leave
+        for name, proc in reversed(self.hop_procs.items()):
+            crashed = proc.poll() is not None
+            code = codes[name] = self.processes.stop(proc)
+            if failed or crashed:
+                tail = self.processes.output(name)
+                if tail:
+                    notes.append(f"{name} output:\n{tail}")
+            elif clean_exit and code is None:
+                notes.append(f"{name} still running {STOP_TIMEOUT:g} s after SIGTERM: killed")
+            elif clean_exit and code != 0:
+                notes.append(f"{name} exit code {code} after SIGTERM, wanted 0")
+        self.hop_procs = {}
+        return codes, notes
 
     # the proxies ---------------------------------------------------------------------
 
@@ -1004,7 +1106,9 @@ class Bench:
         self.hop_procs[name] = proc
         return proc
 
-    def meshling_hop(self) -> Hop:
+    def meshling_hop(self, multiplex: bool = False) -> Hop:
+        """The mesh hop; `multiplex`: the app's HTTP/1.1 requests travel between the two
+        proxies as streams of one HTTP/2 connection, as the control plane sets it up."""
         certs = self.certificates()
         in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
         inbound = meshling_hop_conf(
@@ -1024,6 +1128,7 @@ class Bench:
             in_port,
             listener_tls=None,
             cluster_tls={**certs.meshling_files("web"), "identity": f"spiffe://{MESH}/api"},
+            protocol="http2" if multiplex else "http1",
         )
         admins = {"meshling-hop-in": in_admin, "meshling-hop-out": out_admin}
         for name, conf in (("meshling-hop-in", inbound), ("meshling-hop-out", outbound)):
@@ -1080,6 +1185,249 @@ class Bench:
         self.wait_serving("haproxy-hop-out", proc, out_port)
         return Hop(out_port, lambda: int(haproxy_info(in_stats)["CumSslConns"]))
 
+    # the HTTP/2 hops (bench/h2_hop.py): both proxies on the proxy CPU, h2load and the
+    # server on the load CPU -----------------------------------------------------------
+
+    def responder(self) -> int:
+        """The port of bench/grpc_responder.py, started on the load CPU on first use and
+        kept for the rest of the run, like the upstream."""
+        if not self.responder_port:
+            port = free_port()
+            argv = [sys.executable, str(RESPONDER), "--port", str(port)]
+            proc = self.processes.start("grpc-responder", argv, self.load_cpu)
+            self.wait_ready("grpc-responder", proc, functools.partial(responder_up, port))
+            self.responder_port, self.responder_pid = port, proc.pid
+        return self.responder_port
+
+    def measure_h2_hop(self, scenario: H2HopScenario) -> list[H2HopResult]:
+        """Start the pair, check one request through it, then measure each load in turn
+        on the same pair (so that the connections opened accumulate over the loads)."""
+        results = [
+            H2HopResult(scenario.name, scenario.description, c, m) for c, m in scenario.loads
+        ]
+        self.hop_procs = {}
+        failed = False
+        try:
+            hop = scenario.start(self, scenario.grpc)
+            self.check_h2_hop(hop, scenario.grpc)
+            pids = [pid for proc in self.hop_procs.values() for pid in descendants(proc.pid)]
+            for result in results:
+                try:
+                    self.measure_h2_load(hop, scenario.grpc, result, pids)
+                except Exception as exc:
+                    result.error = str(exc)
+                    failed = True
+                for name, proc in self.hop_procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with code {proc.returncode}")
+            problems = hop.problems()
+            results[-1].notes.extend(problems)
+            # anything that went wrong under load: the proxies' last words go with it
+            failed = failed or bool(problems) or any(r.notes for r in results)
+        except Exception as exc:
+            failed = True
+            unmeasured = [r for r in results if r.load is None and r.error is None]
+            for result in unmeasured:
+                result.error = str(exc)
+            if not unmeasured:
+                results[-1].notes.append(f"after the runs: {exc}")
+        finally:
+            codes, notes = self.stop_hop(scenario.clean_exit, failed)
+            for result in results:
+                result.exit_codes = codes
+            results[-1].notes.extend(notes)
+        return results
+
+    def check_h2_hop(self, hop: H2Hop, grpc: bool) -> None:
+        """One request through the hop with a client other than h2load, its answer checked."""
+        if grpc:
+            reply = grpc_unary(hop.port, GRPC_METHOD, b"check " + GRPC_MESSAGE)
+            if reply != b"check " + GRPC_MESSAGE:
+                raise RuntimeError(f"a gRPC call through the hop was answered {reply[:80]!r}")
+            return
+        done = subprocess.run(
+            [find_binary("nghttp"), f"http://{HOST}:{hop.port}/"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        if done.returncode != 0 or done.stdout != b"ok\n":
+            raise RuntimeError(
+                f"nghttp through the hop: exit code {done.returncode}, body {done.stdout[:80]!r}, "
+                f"{done.stderr.decode(errors='replace')[-300:]}"
+            )
+
+    def h2load(
+        self, port: int, grpc: bool, seconds: float, clients: int, streams: int, log: Path | None
+    ) -> str:
+        """One h2load run on the load CPU; its text output."""
+        if grpc and self.grpc_body is None:
+            self.grpc_body = grpc_body(self.workdir / "grpc-body.bin")
+        url = f"http://{HOST}:{port}{GRPC_METHOD if grpc else '/'}"
+        argv = h2load_argv(
+            find_binary("h2load"),
+            url,
+            seconds,
+            clients,
+            streams,
+            log=log,
+            body=self.grpc_body if grpc else None,
+        )
+        proc = self.processes.start("h2load", argv, self.load_cpu)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(seconds + 30)  # it stops itself; this is a backstop
+        code = self.processes.stop(proc)
+        text = self.processes.output("h2load", lines=40)
+        if code != 0:
+            raise RuntimeError(f"h2load exited with code {code}: {text}")
+        return text
+
+    def measure_h2_load(self, hop: H2Hop, grpc: bool, result: H2HopResult, pids: list[int]) -> None:
+        clients, streams = result.clients, result.streams
+        if self.args.warmup:
+            self.h2load(hop.port, grpc, self.args.warmup, clients, streams, None)
+        log = self.workdir / "h2load.log"
+        log.unlink(missing_ok=True)
+        served_before = responder_stats(self.responder_port)["ok"] if grpc else 0
+        server = descendants(self.responder_pid if grpc else self.upstream_pid)
+        busy_before, all_before = cpu_busy(self.load_cpu)
+        ticks_before, server_before = cpu_ticks(pids), cpu_ticks(server)
+        text = self.h2load(hop.port, grpc, self.args.duration, clients, streams, log)
+        ticks = cpu_ticks(pids) - ticks_before
+        server_ticks = cpu_ticks(server) - server_before
+        busy_after, all_after = cpu_busy(self.load_cpu)
+        result.connections, result.connections_opened = hop.connections()
+        if grpc:
+            result.server_ok = responder_stats(self.responder_port)["ok"] - served_before
+        result.load = load = parse_h2load(text, clients, streams, latencies_us(log))
+        log.unlink(missing_ok=True)
+        seconds = ticks / CLK_TCK
+        result.cpu_percent = 100 * seconds / load.seconds
+        result.server_cpu_percent = 100 * server_ticks / CLK_TCK / load.seconds
+        if load.requests:
+            result.cpu_us_per_request = seconds * 1e6 / load.requests
+        if all_after > all_before:
+            result.load_cpu_percent = 100 * (busy_after - busy_before) / (all_after - all_before)
+        if load.failed or load.errored or load.timeouts or load.non_2xx:
+            codes = re.search(r"^status codes: .*$", text, re.MULTILINE)
+            result.notes.append(
+                f"h2load: {load.failed} failed ({load.errored} errored, {load.timeouts} timed "
+                f"out), {load.non_2xx} non-2xx responses"
+                + (f" ({codes.group(0)})" if codes else "")
+            )
+        if result.server_ok is not None and result.server_ok < load.requests:
+            # h2load counts a 200 as success whatever its grpc-status: a proxy's own gRPC
+            # error (UNAVAILABLE and the like) shows up here only
+            result.notes.append(
+                f"the server answered {result.server_ok} calls with status 0 while h2load "
+                f"counted {load.requests} successes: the rest were answered by a proxy"
+            )
+
+    def meshling_h2_hop(self, grpc: bool) -> H2Hop:
+        certs = self.certificates()
+        scenario = "meshling-grpc-hop" if grpc else "meshling-h2-hop"
+        in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
+        inbound = meshling_h2_hop_conf(
+            self.workdir,
+            f"{scenario}-in",
+            in_port,
+            in_admin,
+            self.responder() if grpc else self.upstream_port,
+            protocol="http2" if grpc else "http1",
+            listener_tls={"mode": "strict", **certs.meshling_files("api")},
+            cluster_tls=None,
+            max_streams=self.args.h2_peer_streams,
+        )
+        outbound = meshling_h2_hop_conf(
+            self.workdir,
+            f"{scenario}-out",
+            out_port,
+            out_admin,
+            in_port,
+            protocol="http2",
+            listener_tls=None,
+            cluster_tls={**certs.meshling_files("web"), "identity": f"spiffe://{MESH}/api"},
+        )
+        admins = {f"{scenario}-in": in_admin, f"{scenario}-out": out_admin}
+        for name, conf in ((f"{scenario}-in", inbound), (f"{scenario}-out", outbound)):
+            proc = self.start_hop_proxy(
+                name, [str(MESHLING), "proxy", "run", "--config", str(conf)]
+            )
+            self.wait_ready(name, proc, functools.partial(admin_ready, admins[name]))
+
+        def connections() -> tuple[int, int]:
+            text = admin_text(out_admin, "/metrics")
+            return (
+                int(metric_sum(text, "meshling_upstream_connections_active", 'cluster="next"')),
+                int(metric_sum(text, "meshling_upstream_connections_total", 'cluster="next"')),
+            )
+
+        def problems() -> list[str]:
+            found = []
+            for name, admin in admins.items():
+                text = admin_text(admin, "/metrics")
+                lines = nonzero_samples(
+                    text,
+                    "meshling_tls_handshake_failures_total",
+                    "meshling_upstream_connect_failures_total",
+                    "meshling_upstream_request_timeouts_total",
+                    "meshling_http2_abuse_goaways_total",
+                    "meshling_http_protocol_errors_total",
+                )
+                # "": a call h2load left unfinished when its time was up
+                lines += [
+                    line
+                    for line in nonzero_samples(text, "meshling_grpc_responses_total")
+                    if 'grpc_status="0"' not in line and 'grpc_status=""' not in line
+                ]
+                found += [f"{name}: {line}" for line in lines]
+            return found
+
+        return H2Hop(out_port, connections, problems)
+
+    def haproxy_h2_hop(self, grpc: bool) -> H2Hop:
+        certs = self.certificates()
+        scenario = "haproxy-grpc-hop" if grpc else "haproxy-h2-hop"
+        in_port, out_port = free_port(), free_port()
+        in_stats = self.workdir / f"{scenario}-in.sock"
+        out_stats = self.workdir / f"{scenario}-out.sock"
+        target = (
+            f"server grpc {HOST}:{self.responder()} proto h2"
+            if grpc
+            else f"server upstream {HOST}:{self.upstream_port}"
+        )
+        inbound = haproxy_h2_hop_conf(
+            self.workdir,
+            f"{scenario}-in",
+            in_stats,
+            f"bind {HOST}:{in_port} ssl crt {certs.api_pem} ca-file {certs.ca} verify required "
+            "alpn h2",
+            target,
+            max_streams=self.args.h2_peer_streams,
+        )
+        outbound = haproxy_h2_hop_conf(
+            self.workdir,
+            f"{scenario}-out",
+            out_stats,
+            f"bind {HOST}:{out_port} proto h2",
+            f"server hop-in {HOST}:{in_port} ssl verify required ca-file {certs.ca} "
+            f"crt {certs.web_pem} alpn h2",
+        )
+        for name, conf, stats in (
+            (f"{scenario}-in", inbound, in_stats),
+            (f"{scenario}-out", outbound, out_stats),
+        ):
+            proc = self.start_hop_proxy(name, [self.haproxy, "-db", "-f", str(conf)])
+            self.wait_ready(name, proc, functools.partial(haproxy_up, stats))
+
+        def connections() -> tuple[int, int]:
+            # the second proxy's TLS connections are all from the first (its server is
+            # in cleartext)
+            info = haproxy_info(in_stats)
+            return int(info["CurrSslConns"]), int(info["CumSslConns"])
+
+        return H2Hop(out_port, connections)
+
 
 # In the order they run; the names are the keys of the table and of the JSON results.
 SCENARIOS = [
@@ -1129,9 +1477,52 @@ HOP_SCENARIOS = [
         clean_exit=True,
     ),
     HopScenario(
+        "meshling-mux-hop",
+        "as meshling-mtls-hop, HTTP/1.1 carried as HTTP/2 streams between the proxies",
+        lambda b: b.meshling_hop(multiplex=True),
+        clean_exit=True,
+    ),
+    HopScenario(
         "haproxy-mtls-hop",
         "HAProxy http -> TLS, verify required both ways, http-reuse always -> HAProxy -> upstream",
         Bench.haproxy_hop,
+    ),
+]
+
+
+H2_HOP_SCENARIOS = [
+    H2HopScenario(
+        "meshling-h2-hop",
+        "h2load -> meshling (h2c in) -> mTLS HTTP/2 -> meshling (strict, ALPN h2) "
+        "-> HTTP/1.1 upstream",
+        Bench.meshling_h2_hop,
+        grpc=False,
+        loads=H2_LOADS,
+        clean_exit=True,
+    ),
+    H2HopScenario(
+        "haproxy-h2-hop",
+        "h2load -> HAProxy (proto h2) -> TLS, verify required both ways, alpn h2 -> HAProxy "
+        "-> HTTP/1.1 upstream",
+        Bench.haproxy_h2_hop,
+        grpc=False,
+        loads=H2_LOADS,
+    ),
+    H2HopScenario(
+        "meshling-grpc-hop",
+        "h2load gRPC unary -> meshling -> mTLS HTTP/2 -> meshling -> h2c gRPC responder",
+        Bench.meshling_h2_hop,
+        grpc=True,
+        loads=GRPC_LOADS,
+        clean_exit=True,
+    ),
+    H2HopScenario(
+        "haproxy-grpc-hop",
+        "h2load gRPC unary -> HAProxy -> TLS alpn h2 -> HAProxy (proto h2 server) "
+        "-> gRPC responder",
+        Bench.haproxy_h2_hop,
+        grpc=True,
+        loads=GRPC_LOADS,
     ),
 ]
 
@@ -1381,6 +1772,7 @@ def versions(bench: Bench) -> dict[str, str]:
         "nginx": first_line([bench.nginx, "-v"]),
         "haproxy": first_line([bench.haproxy, "-v"]),
         "wrk": first_line([bench.wrk_path, "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
     }
 
 
@@ -1394,7 +1786,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up")
-    names = [s.name for s in SCENARIOS] + [h.name for h in HOP_SCENARIOS]
+    names = [s.name for s in SCENARIOS] + [h.name for h in HOP_SCENARIOS + H2_HOP_SCENARIOS]
     parser.add_argument(
         "--only",
         nargs="+",
@@ -1408,12 +1800,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="least_request",
         help="the balancer of meshling-http+policies (least_request)",
     )
+    parser.add_argument(
+        "--h2-peer-streams",
+        type=int,
+        metavar="N",
+        help="the streams the second proxy of an HTTP/2 hop allows per connection "
+        "(SETTINGS_MAX_CONCURRENT_STREAMS; default: each proxy's own, 100 for both)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
     if args.duration <= 0 or args.duration > 120 or args.warmup < 0 or args.warmup > 60:
         parser.error("keep --duration within (0, 120] and --warmup within [0, 60] seconds")
+    if args.h2_peer_streams is not None and not 1 <= args.h2_peer_streams <= 10000:
+        parser.error("keep --h2-peer-streams within [1, 10000]")
     return args
 
 
@@ -1436,11 +1837,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
     chosen_hops = [h for h in HOP_SCENARIOS if not args.only or h.name in args.only]
-    names = [s.name for s in chosen] + [h.name for h in chosen_hops]
+    chosen_h2 = [h for h in H2_HOP_SCENARIOS if not args.only or h.name in args.only]
+    names = [s.name for s in chosen] + [h.name for h in chosen_hops + chosen_h2]
     if any(n.startswith("meshling") for n in names) and not MESHLING.exists():
         raise SystemExit(f"{MESHLING} is missing: run `make install` first")
+    for tool in ("h2load", "nghttp") if chosen_h2 else ():
+        find_binary(tool)
+    if any(h.grpc for h in chosen_h2):
+        try:
+            import grpc  # noqa: F401
+        except ImportError:
+            raise SystemExit("the gRPC hops need grpcio: run `make install` first") from None
     results: list[Result] = []
     hops: list[HopResult] = []
+    h2_hops: list[H2HopResult] = []
     paced_error: str | None = None
     with tempfile.TemporaryDirectory(prefix="meshling-bench-") as tmp, terminate_as_interrupt():
         bench = Bench(args, Path(tmp))
@@ -1486,6 +1896,20 @@ def main(argv: list[str] | None = None) -> int:
                     print("failed (see below)", flush=True)
                 else:
                     print(f"{hop_result.load.rps:,.0f} req/s", flush=True)
+            for h2 in chosen_h2:
+                loads = ", ".join(f"c{c}x{m}" for c, m in h2.loads)
+                print(f"  {h2.name} ({loads}) ...", end=" ", flush=True)
+                measured = bench.measure_h2_hop(h2)
+                h2_hops.extend(measured)
+                print(
+                    ", ".join(
+                        "failed (see below)"
+                        if r.error or not r.load
+                        else f"{r.load.rps:,.0f} req/s"
+                        for r in measured
+                    ),
+                    flush=True,
+                )
         except KeyboardInterrupt:
             print("\ninterrupted: stopping every process started", file=sys.stderr)
             return 130
@@ -1518,10 +1942,20 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("meshling mesh hop against the HAProxy pair (same run):")
         print(targets_table(hop_checked))
+    h2_checked = target_rows(H2_TARGETS, h2_measured(h2_hops)) if chosen_h2 else []
+    if chosen_h2:
+        print()
+        print(format_rows(h2_rows(h2_hops)))
+        print()
+        print("meshling HTTP/2 and gRPC hops against the HAProxy pairs (same run):")
+        print(targets_table(h2_checked))
     everything: list[Result | HopResult] = [*results, *hops]
     for r in everything:
         for note in ([r.error] if r.error else []) + r.notes:
             print(f"\n{r.scenario}: {note}")
+    for h in h2_hops:
+        for note in ([h.error] if h.error else []) + h.notes:
+            print(f"\n{h.label}: {note}")
     if paced_error:
         print(f"\ndirect, paced: {paced_error}")
 
@@ -1539,6 +1973,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": load_after,
             "paced_rate": PACED_RATE,
             "paced_connections": PACED_CONNECTIONS,
+            "h2_loads": H2_LOADS,
+            "grpc_loads": GRPC_LOADS,
+            "h2_peer_streams": args.h2_peer_streams,
             "policies_lb": args.policies_lb,
             "policies": policy_fragments(args.policies_lb),
         },
@@ -1547,11 +1984,14 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "hops": [asdict(h) for h in hops],
         "paced_direct": bench.paced_direct,
-        "targets": checked + policy_checked + hop_checked,
+        "h2_hops": [asdict(h) for h in h2_hops],
+        "targets": checked + policy_checked + hop_checked + h2_checked,
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.json}")
-    failed = any(r.error for r in everything) or paced_error is not None
+    failed = (
+        any(r.error for r in everything) or any(h.error for h in h2_hops) or paced_error is not None
+    )
     return 1 if failed else 0
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ENHANCE_YOUR_CALM = 0xB
-PROTOCOL_ERROR = 0x1
+REFUSED_STREAM = 0x7
 
 
 def request_block(encoder: Encoder, path: str = "/hello") -> bytes:
@@ -225,7 +225,7 @@ def test_control_frame_flood_gets_goaway(proxy, kind: str) -> None:
     still_serves(proxy.url)
 
 
-def test_streams_over_the_announced_limit(proxy) -> None:
+def test_streams_over_the_announced_limit_are_refused_one_by_one(proxy) -> None:
     sock = connect(proxy.port)
     # the proxy announces its limit in its first SETTINGS frame
     frames, _ = read_frames(sock, 0.5)
@@ -233,12 +233,31 @@ def test_streams_over_the_announced_limit(proxy) -> None:
     assert settings[0].settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 50
     encoder = Encoder()
     opened = bytearray()
-    for i in range(51):  # requests whose bodies never end keep their streams open
-        opened += HeadersFrame(
-            1 + 2 * i, data=request_block(encoder, "/swallow"), flags=["END_HEADERS"]
-        ).serialize()
+    for i in range(52):  # requests whose bodies never end keep their streams open
+        block = request_block(encoder, "/swallow")
+        opened += HeadersFrame(1 + 2 * i, data=block, flags=["END_HEADERS"]).serialize()
     send_for(sock, bytes(opened))
+    frames, closed = read_frames(sock, 1.0)
+    assert not closed
+    refused = {f.stream_id: f.error_code for f in frames if isinstance(f, RstStreamFrame)}
+    assert refused == {101: REFUSED_STREAM, 103: REFUSED_STREAM}
+    assert not [f for f in frames if isinstance(f, GoAwayFrame)]
+    # a client that keeps ignoring the limit runs out of its reset budget (a few streams
+    # at a time: a burst of hundreds in one read meets the hard limit `h2` enforces, a
+    # connection error, which ends the connection as surely)
+    for first in range(52, 400, 8):
+        burst = b"".join(
+            HeadersFrame(
+                1 + 2 * i, data=request_block(encoder, "/swallow"), flags=["END_HEADERS"]
+            ).serialize()
+            for i in range(first, first + 8)
+        )
+        try:
+            sock.sendall(burst)
+        except OSError:
+            break
+        time.sleep(0.01)
     frames, closed = read_frames(sock)
     assert closed
-    assert goaway(frames).error_code == PROTOCOL_ERROR
+    assert goaway(frames).error_code == ENHANCE_YOUR_CALM
     still_serves(proxy.url)

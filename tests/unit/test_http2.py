@@ -116,6 +116,8 @@ def test_status_of() -> None:
 
 def test_flood_guard_counts_per_window() -> None:
     guard = FloodGuard(Http2Limits(max_resets=3, max_control_frames=5, window=10.0), now=0.0)
+    for _ in range(4):
+        guard.opened_stream(1.0)
     assert not any(guard.reset(1.0) for _ in range(3))
     assert guard.reset(2.0) and guard.tripped == "rapid_reset"
     guard = FloodGuard(Http2Limits(max_resets=3, max_control_frames=5, window=10.0), now=0.0)
@@ -123,3 +125,14 @@ def test_flood_guard_counts_per_window() -> None:
     # a new window starts the count again
     assert not guard.control(11.0, 5)
     assert guard.control(12.0) and guard.tripped == "control_frame_flood"
+
+
+def test_flood_guard_spares_a_peer_that_cancels_among_many_streams() -> None:
+    limits = Http2Limits(max_resets=3, max_control_frames=5, window=10.0)
+    guard = FloodGuard(limits, now=0.0)
+    for _ in range(20):
+        guard.opened_stream(1.0)
+    # 5 cancelled out of 20: over max_resets, but not most of what the client opened
+    assert not any(guard.reset(2.0) for _ in range(5))
+    assert not any(guard.reset(2.0) for _ in range(5))
+    assert guard.reset(2.0)  # 11 of 20: most of them

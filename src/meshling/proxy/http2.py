@@ -99,6 +99,11 @@ UPSTREAM_STREAMS = 256
 UPSTREAM_WINDOW = 1 << 20
 # a connection told to go away, or drained, is closed this long after its last stream
 GRACE = 5.0
+# `h2` enforces this many times the stream limit a client is told (see take_over)
+STREAMS_ENFORCED = 4
+# streams of an upstream connection before the peer's SETTINGS say its limit (RFC 9113
+# recommends a limit of at least 100)
+INITIAL_STREAMS = 100
 # the PING that follows a draining connection's GOAWAY
 DRAIN_PING = b"draining"
 
@@ -301,6 +306,8 @@ class H2Downstream(H2Side):
         self.limits: Http2Limits = http.http2
         self.guard = FloodGuard(self.limits, time.monotonic())
         self.streams: dict[int, H2Exchange] = {}
+        # streams whose request the client has not ended (answered or not)
+        self.client_open: set[int] = set()
         self.peer = b""
         self.peer_identity: bytes | None = None
         self.permitted = True
@@ -350,20 +357,32 @@ class H2Downstream(H2Side):
         self.last_activity = self.idle_since = time.monotonic()
         limits = self.limits
         h2 = self.h2
-        # the values the first SETTINGS frame announces (and `h2` enforces)
-        h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-            },
-        )
+        # the values the first SETTINGS frame announces
+        announced = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+        }
+        h2.local_settings = Settings(client=False, initial_values=announced)
         if upgrade is not None:
             settings, _head = upgrade
             h2.initiate_upgrade_connection(settings)
         else:
             h2.initiate_connection()
+        # A client may open streams before our SETTINGS reach it (it then assumes no
+        # limit): `h2` would end the whole connection for one stream over the limit.
+        # It is told the limit, but enforces a far larger one; the streams over the
+        # announced limit are refused one by one (REFUSED_STREAM, to be sent again), as
+        # RFC 9113 5.1.2 has it, and count against the client's reset budget.
+        h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                **announced,
+                SettingCodes.MAX_CONCURRENT_STREAMS: STREAMS_ENFORCED
+                * limits.max_concurrent_streams,
+            },
+        )
+        h2.decoder.max_header_list_size = limits.max_header_list_size
         extra = limits.connection_window - 65535
         if extra > 0:
             h2.increment_flow_control_window(extra)
@@ -416,6 +435,7 @@ class H2Downstream(H2Side):
             elif isinstance(event, RequestReceived):
                 self._received_head(event)
             elif isinstance(event, StreamEnded):
+                self.client_open.discard(event.stream_id)
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
                     ex.request_end(None)
@@ -426,6 +446,7 @@ class H2Downstream(H2Side):
             elif isinstance(event, WindowUpdated):
                 self.window_updated(event.stream_id)
             elif isinstance(event, StreamReset):
+                self.client_open.discard(event.stream_id)
                 ex = self.streams.pop(event.stream_id, None)
                 self.outboxes.pop(event.stream_id, None)
                 if ex is not None:
@@ -457,9 +478,17 @@ class H2Downstream(H2Side):
 
     def _received_head(self, event: RequestReceived) -> None:
         sid = event.stream_id
+        self.guard.opened_stream(time.monotonic())
         if self.going_away or self.draining:
             # streams opened after our GOAWAY are refused; the client may retry them
             self.drop_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        # streams count until both sides ended them, answered or not (RFC 9113 5.1.2)
+        open_streams = len(self.streams) + len(self.client_open.difference(self.streams))
+        if open_streams >= self.limits.max_concurrent_streams:
+            self.drop_stream(sid, ErrorCodes.REFUSED_STREAM)
+            if self.guard.reset(time.monotonic()):
+                self._calm_down()
             return
         try:
             head = request_head(list(event.headers))
@@ -469,7 +498,10 @@ class H2Downstream(H2Side):
             log.debug("HTTP/2 request refused: %s", exc.reason)
             self.drop_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        self._request(sid, head, ended=event.stream_ended is not None)
+        ended = event.stream_ended is not None
+        if not ended:
+            self.client_open.add(sid)
+        self._request(sid, head, ended=ended)
 
     def _request(self, sid: int, head: RequestHead2, *, ended: bool) -> None:
         self.idle_since = None
@@ -1469,6 +1501,8 @@ class H2Upstream(H2Side):
         self.streams: dict[int, H2Exchange] = {}
         self.going_away = False
         self.idle_since = time.monotonic()
+        # the peer's first SETTINGS arrived
+        self.settled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -1497,8 +1531,9 @@ class H2Upstream(H2Side):
         )
 
     def has_room(self) -> bool:
-        limit = min(self.h2.remote_settings.max_concurrent_streams, UPSTREAM_STREAMS)
-        return self.usable() and len(self.streams) < limit
+        # until the peer's first SETTINGS arrive, `h2` knows no limit
+        peer = self.h2.remote_settings.max_concurrent_streams if self.settled else INITIAL_STREAMS
+        return self.usable() and len(self.streams) < min(peer, UPSTREAM_STREAMS)
 
     def open_stream(
         self, ex: H2Exchange, block: list[tuple[bytes, bytes]], end: bool
@@ -1578,6 +1613,8 @@ class H2Upstream(H2Side):
                     # never processed by the peer: safe to try elsewhere
                     ex = self.streams.pop(sid)
                     ex.up_reset(ErrorCodes.REFUSED_STREAM)
+            elif isinstance(event, RemoteSettingsChanged):
+                self.settled = True
             elif isinstance(event, InformationalResponseReceived):
                 pass
         self.flush()

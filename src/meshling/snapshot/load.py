@@ -709,7 +709,7 @@ def _http2_limits(node: _Node) -> Http2Limits:
         )
     )
     return Http2Limits(
-        max_concurrent_streams=node.get("max_concurrent_streams", _int(1, 10000), 100),
+        max_concurrent_streams=node.get("max_concurrent_streams", _int(1, 10000), 256),
         stream_window=node.get("stream_window", _int(65535, (1 << 31) - 1), 1 << 20),
         connection_window=node.get("connection_window", _int(65535, (1 << 31) - 1), 4 << 20),
         max_header_list_size=node.get("max_header_list_size", _int(1024, 1 << 24), 65536),

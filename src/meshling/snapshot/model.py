@@ -291,7 +291,7 @@ class Http2Limits:
     """What one HTTP/2 client connection may use (`meshling.http2.guard`)."""
 
     # streams open at once (SETTINGS_MAX_CONCURRENT_STREAMS)
-    max_concurrent_streams: int = 100
+    max_concurrent_streams: int = 256
     # receive window of each stream and of the connection, in bytes
     stream_window: int = 1 << 20
     connection_window: int = 4 << 20
