@@ -327,7 +327,8 @@ def nginx() -> Iterator[Nginx]:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Any:
-    """A mesh CA (and a second, foreign one) issuing certificate files under tmp_path."""
+    """A mesh CA (and a second, foreign one) issuing certificate files under tmp_path
+    (`test_mtls.Pki`)."""
     from .test_mtls import Pki
 
     return Pki(tmp_path)

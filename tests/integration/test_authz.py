@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,11 +31,6 @@ def authz() -> dict[str, Any]:
     """The inbound fragment, converted from a TrafficPermission resource as the control plane will."""
     resource = parse_resource(yaml.safe_load(POLICY), "policy.yaml")
     return to_snapshot([resource], "api", "default").to_dict()
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
 
 
 def protected(nginx_port: int, pki: Pki, *, mode: str = "strict") -> dict[str, Any]:

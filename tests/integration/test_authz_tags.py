@@ -3,7 +3,6 @@ builder from resources, mTLS with certificates from the mesh CA, nginx behind th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,11 +90,6 @@ class TaggedMesh:
         for listener in document["listeners"]:
             listener["address"] = "127.0.0.1"
         return document
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
 
 
 def test_authz_tags_allow_the_tagged_service_and_deny_the_other(

@@ -30,11 +30,6 @@ pytestmark = pytest.mark.integration
 SHORT = dt.timedelta(seconds=6)
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
 def not_after(files: Files) -> float:
     cert = x509.load_pem_x509_certificate(Path(files.certificate).read_bytes())
     return cert.not_valid_after_utc.timestamp()

@@ -9,11 +9,13 @@ import re
 import socket
 import statistics
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -445,3 +447,43 @@ def test_mirror_to_a_tls_cluster_uses_its_identity_and_keeps_its_connection(
         re.M,
     )
     assert handshakes is not None and float(handshakes.group(1)) == 1
+
+
+def test_mirror_copies_requests_of_http2_clients(start_proxy, peers, tmp_path: Path) -> None:
+    """A client speaking HTTP/2 (curl with prior knowledge): the copy goes out like
+    every copy, as an HTTP/1.1 request with the stream's method, path, fields and body."""
+    primary = HttpPeer(b"primary").start()
+    shadow = HttpPeer(b"shadow").start()
+    peers.extend([primary, shadow])
+    routes = [{"name": "all", "cluster": "primary", "mirror": {"cluster": "shadow"}}]
+    clusters = [_cluster("primary", primary.port), _cluster("shadow", shadow.port)]
+    proxy = start_proxy(
+        http_snapshot(free_port(), free_port(), [], routes=routes, clusters=clusters)
+    )
+    body = tmp_path / "body"
+    body.write_bytes(b"h2 body")
+    for args in ([], ["--data-binary", f"@{body}", "-H", "content-type: text/plain"]):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--http2-prior-knowledge",
+                *args,
+                "-H",
+                "x-custom: kept",
+                proxy.url + "/h2/path?q=1",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        assert out.stdout == b"primary", out.stderr
+    wait_for(lambda: len(shadow.received()) == 2, 5, "two copies")
+    by_method = {copy.method: copy for copy in shadow.received()}
+    get, post = by_method["GET"], by_method["POST"]
+    assert (get.path, get.body) == ("/h2/path?q=1", b"")
+    assert (post.path, post.body) == ("/h2/path?q=1", b"h2 body")
+    assert post.headers["x-custom"] == "kept"
+    assert post.headers["host"].endswith("-shadow:" + str(proxy.port))
+    assert post.headers["x-request-id"] == primary.received()[-1].headers["x-request-id"]

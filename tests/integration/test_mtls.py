@@ -61,11 +61,6 @@ class Pki:
         return Files(str(d / "tls.crt"), str(d / "tls.key"), str(d / "bundle.crt"))
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
 def inbound(nginx_port: int, files: Files, mode: str = "strict") -> dict[str, Any]:
     doc = http_snapshot(free_port(), free_port(), [nginx_port])
     doc["listeners"][0]["filter_chains"][0]["tls"] = files.tls(mode=mode)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,11 +110,6 @@ spec:
     local: {requests: 3, interval: 1m}
     per_source: true
 """
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
 
 
 def test_rate_limit_per_source_buckets_by_mtls_identity(

@@ -83,6 +83,7 @@ if TYPE_CHECKING:
     from meshling.proxy.http import HttpUpstream
     from meshling.proxy.inbound import CallerPolicies
     from meshling.proxy.listener import ChainRuntime, ConnectionSet
+    from meshling.proxy.mirror import MirrorCopy
     from meshling.proxy.ratelimit import Refusal
     from meshling.proxy.retry import RouteRetries
     from meshling.snapshot.model import Endpoint, Http2Limits, HttpFilter, Route
@@ -673,6 +674,7 @@ class H2Exchange:
         "is_grpc",
         "kept",
         "kept_size",
+        "mirror",
         "path",
         "pending",
         "refused_retried",
@@ -737,6 +739,8 @@ class H2Exchange:
         # a retried route's request body, kept to send again; None: nothing kept
         self.kept: list[bytes] | None = None
         self.kept_size = 0
+        # the copy of the request for the route's mirror cluster (proxy.mirror)
+        self.mirror: MirrorCopy | None = None
         self.attempt = 1
         self.tried: set[Endpoint] | None = None
         # the route's retry budget and counters, shared with its HTTP/1.1 exchanges
@@ -822,12 +826,41 @@ class H2Exchange:
             self.local_reply(503, "no_endpoint")
             return
         self.endpoint = host.endpoint
+        if route.mirror is not None:
+            self._start_mirror(route)
         timeout = self._timeout(route)
         if timeout:
             # unlike HTTP/1.1's, it runs from the request's start: a gRPC deadline is the
             # caller's whole budget
             self.timer = down.chain.deadlines.add(self, timeout)
         self.connect()
+
+    def _start_mirror(self, route: Route) -> None:
+        """A copy for the route's mirror cluster, sent over HTTP/1.1 like every copy."""
+        from meshling.proxy.mirror import start_copy
+
+        assert route.mirror is not None
+        head = self.head
+        fields = b"".join(
+            b"%b: %b\r\n" % (name, value)
+            for name, value in self._upstream_fields()
+            if name not in HOP_BY_HOP
+        )
+        self.mirror = start_copy(
+            self.down.chain,
+            route.mirror,
+            route,
+            b"%b %b HTTP/1.1\r\n%b" % (head.method, self._target(), fields),
+            head.method,
+            head.authority,
+            head.headers,
+            self.down.peer,
+            head.content_length,
+            framed=not self.request_done or head.content_length is not None,
+        )
+        if self.mirror is not None and self.request_done:
+            self.mirror.send()
+            self.mirror = None
 
     def _timeout(self, route: Route) -> float:
         timeout = route.timeout
@@ -932,7 +965,8 @@ class H2Exchange:
         if not http.preserve_request_id or not request_id:
             from meshling.proxy.http import _request_id
 
-            request_id = _request_id()
+            # one id for the request, whatever else (a mirror's copy) is built from it
+            request_id = self.request_id or _request_id()
         self.request_id = request_id
         peer = down.peer
         out.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
@@ -1023,6 +1057,8 @@ class H2Exchange:
             self.down.ack(self.sid, flow)
             return
         self.body_in += len(data)
+        if self.mirror is not None:
+            self.mirror.data(data)
         kept = self.kept
         if kept is not None:
             route = self.route
@@ -1057,6 +1093,10 @@ class H2Exchange:
             return
         self.request_done = True
         self.request_trailers = trailers
+        mirror = self.mirror
+        if mirror is not None:
+            self.mirror = None
+            mirror.send()
         up = self.up
         if up is None or self.finished:
             return
@@ -1417,6 +1457,9 @@ class H2Exchange:
         self.finished = True
         down = self.down
         request_complete = self.request_done
+        if self.mirror is not None:
+            self.mirror.drop()
+            self.mirror = None
         if self.response_done:
             self._request_rest()
         if self.timer is not None:

@@ -45,7 +45,8 @@ from meshling.proxy.side import Side
 if TYPE_CHECKING:
     from meshling.proxy.cluster import ClusterRuntime
     from meshling.proxy.http import Exchange
-    from meshling.snapshot.model import Endpoint, RequestMirror
+    from meshling.proxy.listener import ChainRuntime
+    from meshling.snapshot.model import Endpoint, RequestMirror, Route
     from meshling.telemetry.metrics import ClusterStats, MirrorStats
 
 log = logging.getLogger("meshling.proxy")
@@ -71,14 +72,42 @@ _SENDING: set[asyncio.Task[None]] = set()
 def start(exchange: Exchange, mirror: RequestMirror) -> MirrorCopy | None:
     """The copy of an exchange's request, once its upstream head is built; None when
     this request is not copied (not drawn, or over a limit: counted)."""
+    head = exchange.head
+    assert head is not None
+    return start_copy(
+        exchange.downstream.chain,
+        mirror,
+        exchange.route,
+        exchange.upstream_head,
+        head.method,
+        head.host,
+        head.headers,
+        exchange.downstream.peer,
+        head.content_length,
+        framed=head.chunked or head.content_length is not None,
+    )
+
+
+def start_copy(
+    chain: ChainRuntime,
+    mirror: RequestMirror,
+    route: Route | None,
+    upstream_head: bytes,
+    method: bytes,
+    authority: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    peer: bytes,
+    length: int | None,
+    *,
+    framed: bool,
+) -> MirrorCopy | None:
+    """The copy of a request (an HTTP/1.1 exchange's, or an HTTP/2 stream's) forwarded
+    with `upstream_head` (an HTTP/1.1 head); `framed`: it has a body. None when this
+    request is not copied (not drawn, or over a limit: counted)."""
     percent = mirror.percent
     if percent < 100.0 and random.random() * 100.0 >= percent:
         return None
-    chain = exchange.downstream.chain
     stats = chain.metrics.mirror_stats(mirror.cluster)
-    head = exchange.head
-    assert head is not None
-    length = head.content_length
     if length is not None and length > BODY_LIMIT:
         stats.count("skipped_body_too_large")
         return None
@@ -86,17 +115,16 @@ def start(exchange: Exchange, mirror: RequestMirror) -> MirrorCopy | None:
         stats.count("skipped_overflow")
         return None
     stats.active += 1
-    route = exchange.route
     return MirrorCopy(
         chain.clusters[mirror.cluster],
         stats,
-        copy_head(exchange.upstream_head),
-        head.method,
-        head.host,
-        head.headers,
-        exchange.downstream.peer,
+        copy_head(upstream_head),
+        method,
+        authority,
+        headers,
+        peer,
         (route.timeout if route is not None else 0.0) or DEFAULT_TIMEOUT,
-        framed=head.chunked or length is not None,
+        framed=framed,
     )
 
 
