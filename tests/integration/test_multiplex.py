@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from .conftest import Nginx, free_port, http_snapshot
+from .conftest import Nginx, free_port, http_snapshot, wait_for
 from .test_mtls import Pki, metric
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,32 @@ def test_errors_through_the_multiplexed_hop(start_proxy, pki: Pki, nginx: Nginx)
     alone = start_proxy(doc)
     status, headers, _ = request(alone.port, "GET", "/hello")
     assert status == 502 and headers["x-meshling-error"] == "upstream_connect_failure"
+
+
+def test_a_route_with_per_try_timeouts_keeps_its_own_http1_connection(
+    start_proxy, pki: Pki
+) -> None:
+    """Per-try and idle timeouts time HTTP/1.1 attempts: such a route's requests travel
+    on pooled HTTP/1.1 connections to the peer proxy instead of multiplexed streams."""
+    from .reliability_upstreams import Upstream, get
+
+    slow = Upstream()
+    try:
+        slow.delay = 1.0
+        web, _ = multiplexed_hop(start_proxy, pki, slow.port)
+        document = yaml.safe_load(web.config.read_text())
+        route = document["listeners"][0]["filter_chains"][0]["http"]["route_config"]
+        route["virtual_hosts"][0]["routes"][0]["timeout"] = {"request": "5s", "per_try": "300ms"}
+        document["version"] = "2"
+        web.write_config(document)
+        wait_for(
+            lambda: get(web.port, "/")[2].get("x-meshling-error") == "upstream_per_try_timeout",
+            10,
+            "the per-try timeout",
+        )
+        started = time.monotonic()
+        status, _, headers = get(web.port, "/")
+        assert status == 504 and headers["x-meshling-error"] == "upstream_per_try_timeout"
+        assert time.monotonic() - started < 0.9
+    finally:
+        slow.close()

@@ -50,7 +50,7 @@ from meshling.http1 import (
 from meshling.http1.codec import Limits
 from meshling.http1.path import PathError, normalize_path
 from meshling.proxy.cluster import ConnectError
-from meshling.proxy.retry import ATTEMPTS_HEADER, Attempts, wanted
+from meshling.proxy.retry import ATTEMPTS_HEADER, Attempts, needs_attempt_timers, wanted
 from meshling.proxy.side import Side
 
 if TYPE_CHECKING:
@@ -353,8 +353,14 @@ class HttpDownstream(Side):
         # a weighted route picks its cluster per request (a split, or weights shifting)
         weighted = route.weighted
         cluster = chain.clusters[route.cluster if weighted is None else weighted.pick()]
-        if cluster.config.protocol == "http2" and head.upgrade is None:
-            # carried as a stream of a multiplexed HTTP/2 connection (proxy.multiplex)
+        if (
+            cluster.config.protocol == "http2"
+            and head.upgrade is None
+            and not needs_attempt_timers(route)
+            and not (route.retry is not None and route.retry.per_try_timeout)
+        ):
+            # carried as a stream of a multiplexed HTTP/2 connection (proxy.multiplex);
+            # a route with per-try or idle timeouts keeps this path, which has them
             from meshling.proxy.multiplex import H1Bridge
 
             bridge = H1Bridge(self, head, path)

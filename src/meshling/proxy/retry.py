@@ -46,6 +46,12 @@ _BACKING_OFF = 1  # between attempts
 _ANSWERED = 2  # the response head arrived: nothing more to time here
 
 
+def needs_attempt_timers(route: Route) -> bool:
+    """Does the route's Timeout policy time attempts (per try) or streams (idle)?"""
+    timeouts = route.timeouts
+    return timeouts is not None and bool(timeouts.per_try or timeouts.idle)
+
+
 def wanted(route: Route) -> bool:
     """Does an exchange on this route need an `Attempts`?"""
     if route.retry is not None:
