@@ -122,6 +122,8 @@ class HttpDownstream(Side):
         self.peer = b""
         # the client's verified SPIFFE ID, when it came over mTLS
         self.peer_identity: bytes | None = None
+        # its service, on an inbound listener (the golden metrics' source); "" else
+        self.source = ""
         self.permitted = True
         # the caller's RateLimit and FaultInjection rules (proxy.inbound); None: neither
         self.policies: CallerPolicies | None = None
@@ -157,6 +159,7 @@ class HttpDownstream(Side):
             alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         # Requests of a caller that TrafficPermission denies are answered 403.
         self.permitted = self.chain.authorize(self.peer_identity)
+        self.source = self.chain.source_of(self.peer_identity)
         if alpn == "h2":
             self._hand_over(b"")
             return
@@ -1049,12 +1052,13 @@ class Exchange:
                 downstream.close()
 
     def _record(self) -> None:
-        record(self, self.downstream.chain, self.downstream.peer)
+        record(self, self.downstream.chain, self.downstream.peer, self.downstream.source)
 
 
-def record(ex: Any, chain: ChainRuntime, peer: bytes) -> HttpStats:
-    """Count an ended exchange (HTTP/1.1 or an HTTP/2 stream) in its route's metrics and
-    write its access log record; the route's counters, for more of them."""
+def record(ex: Any, chain: ChainRuntime, peer: bytes, source: str) -> HttpStats:
+    """Count an ended exchange (HTTP/1.1 or an HTTP/2 stream) in its route's metrics (by
+    the calling `source` service on an inbound listener) and write its access log record;
+    the counters, for more of them."""
     route = ex.route
     duration = time.monotonic() - ex.start
     route_name = route.name if route is not None else "none"
@@ -1062,7 +1066,7 @@ def record(ex: Any, chain: ChainRuntime, peer: bytes) -> HttpStats:
         cluster_name = ex.cluster.config.name  # the one picked, on a weighted route
     else:
         cluster_name = route.cluster if route is not None else "none"
-    stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name)
+    stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name, source)
     stats.record(ex.status, duration)
     log = chain.access_log
     if log is not None:

@@ -314,6 +314,8 @@ class H2Downstream(H2Side):
         self.permitted = True
         # the caller's RateLimit and FaultInjection rules (proxy.inbound); None: neither
         self.policies: CallerPolicies | None = None
+        # its service, on an inbound listener (the golden metrics' source); "" else
+        self.source = ""
         self.tls = chain.tls is not None
         self.draining = False
         # the client answered the PING sent after our GOAWAY: it opens no more streams
@@ -350,6 +352,7 @@ class H2Downstream(H2Side):
             self.peer_identity, self.permitted = identity
         if chain.inbound is not None:
             self.policies = chain.inbound.for_caller(self.peer_identity)
+        self.source = chain.source_of(self.peer_identity)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         self.stats.cx_total += 1
@@ -639,6 +642,8 @@ class Sink(Protocol):
     def tls(self) -> bool: ...
     @property
     def policies(self) -> CallerPolicies | None: ...
+    @property
+    def source(self) -> str: ...
 
     def write_stream(self, sid: int, block: list[tuple[bytes, bytes]], end: bool) -> None: ...
     def send(self, sid: int, data: bytes, owner: Any, end: bool = False) -> int: ...
@@ -1498,7 +1503,7 @@ class H2Exchange:
     def _record(self) -> None:
         from meshling.proxy.http import record
 
-        stats = record(self, self.down.chain, self.down.peer)
+        stats = record(self, self.down.chain, self.down.peer, self.down.source)
         if self.is_grpc:
             stats.grpc(self.grpc_status)
 

@@ -56,6 +56,7 @@ class ChainRuntime:
         "deadlines",
         "detection",
         "detection_stats",
+        "direction",
         "draining",
         "http",
         "inbound",
@@ -81,6 +82,9 @@ class ChainRuntime:
     ) -> None:
         chain = listener.filter_chains[0]
         self.listener = listener.name
+        self.direction = listener.direction
+        if listener.direction is not None:
+            metrics.directions[listener.name] = listener.direction
         self.http: HttpFilter | None = chain.http
         self.tcp: TcpFilter | None = chain.tcp
         # protocol: auto; None when the chain's one filter serves every connection
@@ -109,6 +113,13 @@ class ChainRuntime:
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False
+
+    def source_of(self, identity: bytes | None) -> str:
+        """The calling service of a connection to an inbound listener (the last segment
+        of its SPIFFE ID, `spiffe://<mesh>/<service>`); "" elsewhere, or for plaintext."""
+        if identity is None or self.direction != "inbound":
+            return ""
+        return identity.rsplit(b"/", 1)[-1].decode("latin-1")
 
     def authorize(self, identity: bytes | None) -> bool:
         """May a caller (its verified SPIFFE ID, None for plaintext) use this chain?

@@ -112,6 +112,10 @@ class H1Bridge:
         return self.downstream.chain.tls is not None
 
     @property
+    def source(self) -> str:
+        return self.downstream.source
+
+    @property
     def policies(self) -> None:
         """The client connection's rate limits and faults were applied before routing."""
         return None

@@ -207,6 +207,7 @@ class Proxy:
         self.access_log = access_log
         self.snapshot = snapshot
         self.metrics.snapshot_version = snapshot.version
+        self.metrics.service = snapshot.service
         # The new snapshot's health checks replace the old one's; endpoints it dropped
         # are forgotten.
         self.health.start(next(iter(chains.values()))[1].clusters.values() if chains else ())

@@ -841,7 +841,7 @@ def _detection(node: _Node) -> ProtocolDetection | None:
 
 
 def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:
-    node.mapping(("name", "address", "port", "filter_chains"))
+    node.mapping(("name", "address", "port", "filter_chains", "direction"))
     chains = tuple(_filter_chain(c, clusters) for c in node.items("filter_chains"))
     if len(chains) != 1:
         # Several chains need match criteria (SNI, transport protocol), which arrive with TLS.
@@ -851,6 +851,7 @@ def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:
         address=node.get("address", _address, "127.0.0.1"),
         port=node.need("port", _port),
         filter_chains=chains,
+        direction=node.get("direction", _choice("inbound", "outbound"), None),  # type: ignore[arg-type]
     )
 
 
@@ -894,6 +895,7 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
         (
             "version",
             "node",
+            "service",
             "zone",
             "listeners",
             "clusters",
@@ -937,6 +939,7 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
         access_log=root.get("access_log", _access_log, None),
         drain_timeout=root.get("drain_timeout", _duration, 10.0),
         node=root.get("node", _name, "meshling"),
+        service=root.get("service", _name, ""),
         zone=root.get("zone", _name, None),
     )
 

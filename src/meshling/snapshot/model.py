@@ -33,6 +33,7 @@ Protocol = Literal["http", "tcp"]
 # what a cluster's endpoints speak: HTTP/1.1, HTTP/2, or whatever the client spoke
 UpstreamProtocol = Literal["http1", "http2", "downstream"]
 ChainProtocol = Literal["http", "tcp", "auto"]
+Direction = Literal["inbound", "outbound"]
 # Long enough for a client's first write after connecting, short enough to add little to
 # the first connection of a server-speaks-first protocol, which waits this out.
 DETECT_TIMEOUT = 0.3
@@ -374,6 +375,9 @@ class Listener:
     address: str
     port: int
     filter_chains: tuple[FilterChain, ...]
+    # which way its traffic goes, for the golden metrics: into the proxy's service
+    # (callers' requests) or out of it (the service's calls); None: neither is known
+    direction: Direction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +406,9 @@ class Snapshot:
     # seconds that in-flight requests get to finish on SIGTERM / drain
     drain_timeout: float = 10.0
     node: str = "meshling"
+    # the service the proxy stands next to (the golden metrics' source of outbound calls
+    # and destination of inbound ones); "" when not known
+    service: str = ""
     # the locality the proxy runs in: endpoints of this zone are preferred where a
     # cluster's load balancing says so
     zone: str | None = None

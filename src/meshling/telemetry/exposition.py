@@ -7,6 +7,7 @@ families when `/metrics` is scraped.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -17,7 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from meshling.telemetry.metrics import BUCKETS, DETECT_BUCKETS, STATUS_CLASSES, Metrics
+from meshling.telemetry.metrics import BUCKETS, DETECT_BUCKETS, STATUS_CLASSES, HttpStats, Metrics
 
 
 def registry(metrics: Metrics) -> CollectorRegistry:
@@ -28,6 +29,34 @@ def registry(metrics: Metrics) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+def _sum(into: dict[Any, HttpStats], key: Any, stats: HttpStats) -> None:
+    total = into.get(key)
+    if total is None:
+        total = into[key] = HttpStats()
+    total.add(stats)
+
+
+def _add_http(
+    requests: CounterMetricFamily,
+    duration: HistogramMetricFamily,
+    grpc: CounterMetricFamily,
+    labels: list[str],
+    s: HttpStats,
+) -> None:
+    """One label set's requests by status class, latency histogram and gRPC statuses."""
+    for cls, n in zip(STATUS_CLASSES, s.by_class, strict=True):
+        if n:
+            requests.add_metric([*labels, cls], n)
+    if s.grpc_statuses is not None:
+        for code, n in list(s.grpc_statuses.items()):
+            grpc.add_metric([*labels, code], n)
+    cumulative, acc = [], 0
+    for bound, n in zip((*map(str, BUCKETS), "+Inf"), s.buckets, strict=True):
+        acc += n
+        cumulative.append((bound, acc))
+    duration.add_metric(labels, cumulative, s.sum)
 
 
 class _Collector(Collector):
@@ -52,21 +81,45 @@ class _Collector(Collector):
             '("" when a call ended without one).',
             labels=["listener", "route", "cluster", "grpc_status"],
         )
-        for (listener, route, cluster), s in list(m.http.items()):
-            for cls, n in zip(STATUS_CLASSES, s.by_class, strict=True):
-                if n:
-                    requests.add_metric([listener, route, cluster, cls], n)
-            if s.grpc_statuses is not None:
-                for code, n in list(s.grpc_statuses.items()):
-                    grpc.add_metric([listener, route, cluster, code], n)
-            cumulative, acc = [], 0
-            for bound, n in zip((*map(str, BUCKETS), "+Inf"), s.buckets, strict=True):
-                acc += n
-                cumulative.append((bound, acc))
-            duration.add_metric([listener, route, cluster], cumulative, s.sum)
+        by_route: dict[tuple[str, str, str], HttpStats] = {}
+        golden: dict[tuple[str, str, str, str], HttpStats] = {}
+        for (listener, route, cluster, source), s in list(m.http.items()):
+            _sum(by_route, (listener, route, cluster), s)
+            direction = m.directions.get(listener)
+            if direction == "inbound":
+                _sum(golden, (direction, source or "unknown", m.service or "unknown", route), s)
+            elif direction == "outbound":
+                # a subset's cluster (`api~version=v2`) is its service's
+                destination = cluster.split("~", 1)[0]
+                _sum(golden, (direction, m.service or "unknown", destination, route), s)
+        for route_labels, s in by_route.items():
+            _add_http(requests, duration, grpc, list(route_labels), s)
         yield requests
         yield duration
         yield grpc
+
+        service_requests = CounterMetricFamily(
+            "meshling_service_requests",
+            "Golden metrics: requests between services, by direction (inbound: callers of "
+            "this proxy's service; outbound: its calls), source and destination service, "
+            "route and status class.",
+            labels=["direction", "source_service", "destination_service", "route", "status_class"],
+        )
+        service_duration = HistogramMetricFamily(
+            "meshling_service_request_duration_seconds",
+            "Golden metrics: request latency between services.",
+            labels=["direction", "source_service", "destination_service", "route"],
+        )
+        service_grpc = CounterMetricFamily(
+            "meshling_service_grpc_responses",
+            "Golden metrics: gRPC calls between services, by grpc-status.",
+            labels=["direction", "source_service", "destination_service", "route", "grpc_status"],
+        )
+        for service_labels, s in golden.items():
+            _add_http(service_requests, service_duration, service_grpc, list(service_labels), s)
+        yield service_requests
+        yield service_duration
+        yield service_grpc
 
         cx_total = CounterMetricFamily(
             "meshling_downstream_connections",

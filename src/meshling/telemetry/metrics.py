@@ -47,6 +47,21 @@ class HttpStats:
         # gRPC calls by grpc-status ("" when the call ended without one); None: no call
         self.grpc_statuses: dict[str, int] | None = None
 
+    def add(self, other: HttpStats) -> None:
+        """Count `other`'s requests in these too (for sums over a label)."""
+        for i, n in enumerate(other.by_class):
+            self.by_class[i] += n
+        for i, n in enumerate(other.buckets):
+            self.buckets[i] += n
+        self.count += other.count
+        self.sum += other.sum
+        if other.grpc_statuses is not None:
+            statuses = self.grpc_statuses
+            if statuses is None:
+                statuses = self.grpc_statuses = {}
+            for code, n in other.grpc_statuses.items():
+                statuses[code] = statuses.get(code, 0) + n
+
     def grpc(self, status: int | None) -> None:
         statuses = self.grpc_statuses
         if statuses is None:
@@ -286,7 +301,11 @@ class Metrics:
     """All of one proxy's counters, and their Prometheus exposition."""
 
     def __init__(self) -> None:
-        self.http: dict[tuple[str, str, str], HttpStats] = {}
+        # by listener, route, cluster and the calling service (inbound listeners; "" else)
+        self.http: dict[tuple[str, str, str, str], HttpStats] = {}
+        # the golden metrics' view: the proxy's own service, and each listener's direction
+        self.service = ""
+        self.directions: dict[str, str] = {}
         self.listeners: dict[str, ListenerStats] = {}
         self.clusters: dict[str, ClusterStats] = {}
         self.tcp: dict[tuple[str, str], TcpStats] = {}
@@ -306,8 +325,8 @@ class Metrics:
         # the largest import of the proxy, and an unscraped proxy does not need it.
         self._registry: Any = None
 
-    def http_stats(self, listener: str, route: str, cluster: str) -> HttpStats:
-        key = (listener, route, cluster)
+    def http_stats(self, listener: str, route: str, cluster: str, source: str = "") -> HttpStats:
+        key = (listener, route, cluster, source)
         stats = self.http.get(key)
         if stats is None:
             stats = self.http[key] = HttpStats()

@@ -233,7 +233,7 @@ def _body(
         chain = _chain(protocol, name, outbound.service, outbound.service, policies)
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
 
-    body: dict[str, Any] = {"node": dataplane.name}
+    body: dict[str, Any] = {"node": dataplane.name, "service": dataplane.service}
     zone = dataplane.tags.get(ZONE_TAG)
     if zoned and zone:
         body["zone"] = zone
@@ -250,7 +250,13 @@ def _files(tls: TlsFiles) -> dict[str, str]:
 def _listener(
     name: str, address: str, port_of: Inbound | Outbound, chain: dict[str, Any]
 ) -> dict[str, Any]:
-    return {"name": name, "address": address, "port": port_of.port, "filter_chains": [chain]}
+    return {
+        "name": name,
+        "address": address,
+        "port": port_of.port,
+        "direction": name.split(":", 1)[0],
+        "filter_chains": [chain],
+    }
 
 
 def _chain(
