@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("delete", "delete a resource: delete KIND NAME"),
         ("token", "dataplane tokens: token dataplane --service S | token revoke JTI"),
         ("inspect", "a dataplane's stream, snapshot and certificate: inspect dataplane NAME"),
+        ("check", "is the mesh healthy: control plane, proxies, certificates"),
     ):
         command = commands.add_parser(
             name, help=summary, add_help=False, description=f"{summary}; `--help` for options."
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # The demo and the CA commands parse their own options; the rest must be known here.
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("demo", "ca", "apply", "get", "delete", "token", "inspect"):
+    forwarded = ("demo", "ca", "apply", "get", "delete", "token", "inspect", "check")
+    if rest and args.command not in forwarded:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     _setup_logging(args.log_level)

@@ -222,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
     inspect.add_argument("-o", "--output", choices=["text", "yaml", "json"], default="text")
     inspect.set_defaults(func=_inspect)
+
+    check = commands.add_parser(
+        "check",
+        parents=[common],
+        help="check the mesh: control plane, proxies, certificates",
+        description="Is the control plane up and does it take the token; is every "
+        "dataplane's proxy connected and running the snapshot last pushed to it; does a "
+        "proxy certificate expire soon? Exits 0 when every check passes, 1 otherwise "
+        "(2 when the control plane cannot be reached).",
+    )
+    check.add_argument("--mesh", "-m", default=None, help="only this mesh (default: all)")
+    check.add_argument(
+        "--expiry-warning",
+        default="6h",
+        help="fail for a certificate that expires within this (default 6h: proxies renew "
+        "theirs at half-life, so a 24h one has 12h or more left; 30m, 7d...)",
+    )
+    check.set_defaults(func=_check)
     return parser
 
 
@@ -376,6 +394,28 @@ def _inspect(options: argparse.Namespace) -> int:
     else:
         print(inspection(status), end="")
     return 0
+
+
+def _check(options: argparse.Namespace) -> int:
+    from meshling.controlplane.check import Result, evaluate, parse_window, report
+
+    try:
+        window = parse_window(options.expiry_warning)
+    except ValueError as e:
+        raise CliError(f"--expiry-warning: {e}", 2) from None
+    client = connect(options)
+    results = []
+    try:
+        client.healthz()
+    except (Unreachable, ApiError) as e:
+        print(report([Result("control plane", False, str(e))]), end="")
+        return 2
+    results.append(Result("control plane", True, f"{client.url} answers"))
+    statuses = call(client, lambda: client.dataplane_statuses(options.mesh))
+    results.append(Result("control plane", True, f"it takes {client.token_source}"))
+    results.extend(evaluate(statuses, datetime.now(UTC), window))
+    print(report(results), end="")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def inspection(status: dict[str, Any]) -> str:

@@ -228,6 +228,10 @@ class Client:
     def revoke_token(self, jti: str, mesh: str) -> None:
         self._request("POST", "/api/v1/tokens/revoke", body={"jti": jti, "mesh": mesh})
 
+    def healthz(self) -> dict[str, Any]:
+        """The control plane's health (no token needed)."""
+        return self._object("GET", "/healthz")
+
     def dataplane_statuses(self, mesh: str | None = None) -> list[dict[str, Any]]:
         path = "/api/v1/status/dataplanes"
         if mesh:

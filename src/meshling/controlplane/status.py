@@ -102,6 +102,7 @@ def summary(
         "applied": spec.get("applied"),
         "pushed": spec.get("pushed"),
         "last_nack": spec.get("last_nack"),
+        "certificate_expires": spec.get("certificate_expires"),
     }
 
 
@@ -118,7 +119,6 @@ def detail(
     return {
         **summary(mesh, name, service, status, now, offline_after),
         "connected_at": spec.get("connected_at"),
-        "certificate_expires": spec.get("certificate_expires"),
         "tls_paths": spec.get("tls_paths"),
     }
 
