@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from meshling.controlplane.status import parse_iso
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
@@ -32,16 +34,6 @@ def parse_window(text: str) -> dt.timedelta:
     if match is None:
         raise ValueError(f"expected a duration such as 30m, 24h or 7d, got {text!r}")
     return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-
-
-def _when(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
 def _span(delta: dt.timedelta) -> str:
@@ -102,7 +94,7 @@ def evaluate(
     expiring = 0
     soonest: tuple[dt.timedelta, str] | None = None
     for row in rows:
-        expires = _when(row.get("certificate_expires"))
+        expires = parse_iso(row.get("certificate_expires"))
         if expires is None:
             continue
         left = expires - now
