@@ -346,12 +346,7 @@ class HttpDownstream(Side):
             ex.local_reply(404, "route_not_found")
             return
         ex.route = route
-        if route.direct_response is not None:
-            ex.respond(route.direct_response.status, route.direct_response.body)
-            return
-        if route.redirect is not None:
-            location = redirect_location(route.redirect, head, path, self.chain.tls is not None)
-            ex.respond(route.redirect.status, b"", ((b"location", location),))
+        if answered_by_route(ex, route, head, path, self.chain.tls is not None):
             return
         # a weighted route picks its cluster per request (a split, or weights shifting)
         weighted = route.weighted
@@ -1020,22 +1015,7 @@ class Exchange:
         conn = self.upstream
         if conn is not None and not conn.upgraded:
             self.upstream = None
-            conn.exchange = None
-            # A full downstream buffer (or a paced response) may have paused its reading
-            # as the response ended: an idle connection must read, to be reusable.
-            conn.resume_reading()
-            if (
-                self.response_done
-                and self.request_done
-                and conn.keep_alive
-                and not conn.closed
-                and self.cluster is not None
-                and self.endpoint is not None
-                and self.cluster.release(self.endpoint, conn)
-            ):
-                pass
-            else:
-                conn.close()
+            conn.end_exchange(self.cluster, self.endpoint, self.response_done and self.request_done)
         cluster = self.cluster
         if cluster is not None:
             # the circuit breaker's count, the balancer's, and the outcome for outlier
@@ -1158,6 +1138,25 @@ class HttpUpstream(Side):
     def usable(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
+    def end_exchange(
+        self, cluster: ClusterRuntime | None, endpoint: Endpoint | None, complete: bool
+    ) -> None:
+        """The exchange using the connection ended (`complete`: request and response
+        whole): back to `cluster`'s pool for `endpoint` when it can be reused, else closed."""
+        self.exchange = None
+        # A full downstream buffer (or a paced response) may have paused its reading as
+        # the response ended: an idle connection must read, to be reusable.
+        self.resume_reading()
+        if not (
+            complete
+            and self.keep_alive
+            and not self.closed
+            and cluster is not None
+            and endpoint is not None
+            and cluster.release(endpoint, self)
+        ):
+            self.close()
+
     def write(self, data: bytes) -> None:
         self.cluster.stats.bytes_sent += len(data)
         if self.transport is not None:
@@ -1175,6 +1174,20 @@ class HttpUpstream(Side):
         if ex is not None:
             ex.downstream.paused_by_upstream = False
             ex.downstream._update_reading()
+
+
+def answered_by_route(ex: Any, route: Route, head: Any, path: bytes, tls: bool) -> bool:
+    """Answer through `ex.respond` when the route answers itself (a direct response, a
+    redirect built from `head`, the request's normalised `path` and whether it came over
+    TLS); False for a route that forwards."""
+    if route.direct_response is not None:
+        ex.respond(route.direct_response.status, route.direct_response.body)
+        return True
+    if route.redirect is not None:
+        location = redirect_location(route.redirect, head, path, tls)
+        ex.respond(route.redirect.status, b"", [(b"location", location)])
+        return True
+    return False
 
 
 def redirect_location(redirect: Redirect, head: RequestHead, path: bytes, tls: bool) -> bytes:

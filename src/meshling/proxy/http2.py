@@ -688,7 +688,6 @@ class H2Exchange:
         "request_trailers",
         "response_done",
         "response_started",
-        "retry_slot",
         "route",
         "sid",
         "start",
@@ -720,7 +719,6 @@ class H2Exchange:
         self.upstream_h2 = False
         self.connect_task: asyncio.Task[None] | None = None
         self.timer: int | None = None
-        self.retry_slot: int | None = None
         # a stream the upstream never processed was sent again once, on a new connection
         self.refused_retried = False
         self.request_done = False
@@ -785,7 +783,7 @@ class H2Exchange:
         down = self.down
         chain = down.chain
         head = self.head
-        from meshling.proxy.http import find_route
+        from meshling.proxy.http import answered_by_route, find_route
 
         try:
             path, route = find_route(
@@ -799,14 +797,7 @@ class H2Exchange:
             self.local_reply(404, "route_not_found")
             return
         self.route = route
-        if route.direct_response is not None:
-            self.respond(route.direct_response.status, route.direct_response.body)
-            return
-        if route.redirect is not None:
-            from meshling.proxy.http import redirect_location
-
-            location = redirect_location(route.redirect, head, path, down.tls)  # type: ignore[arg-type]
-            self.respond(route.redirect.status, b"", [(b"location", location)])
+        if answered_by_route(self, route, head, path, down.tls):
             return
         weighted = route.weighted
         self.forward(route, chain.clusters[route.cluster if weighted is None else weighted.pick()])
@@ -912,18 +903,15 @@ class H2Exchange:
                     cluster, endpoint, connect_timeout
                 )
             else:
+                # (`connect` already looked for an idle connection to take)
                 from meshling.proxy.http import HttpUpstream
 
-                idle = cluster.take_idle(endpoint)
-                if idle is not None:
-                    conn = cast(HttpUpstream, idle)
-                else:
-                    made = await cluster.connect(
-                        endpoint, lambda: HttpUpstream(cluster, endpoint), connect_timeout
-                    )
-                    conn = cast(HttpUpstream, made)
-                    cluster.stats.cx_total += 1
-                    cluster.stats.cx_active += 1
+                made = await cluster.connect(
+                    endpoint, lambda: HttpUpstream(cluster, endpoint), connect_timeout
+                )
+                conn = cast(HttpUpstream, made)
+                cluster.stats.cx_total += 1
+                cluster.stats.cx_active += 1
         except ConnectError as exc:
             self.connect_task = None
             if not self.finished:
@@ -1426,9 +1414,6 @@ class H2Exchange:
             return
         self.local_reply(504, "upstream_timeout")
 
-    def tick(self, now: float) -> None:
-        """About once a second (nothing to do: timers live on the deadline wheel)."""
-
     def downstream_reset(self) -> None:
         """The client reset the stream."""
         if self.finished:
@@ -1480,20 +1465,9 @@ class H2Exchange:
                 else:
                     h2up.cancel(self.up_sid)  # answered early: the rest is not wanted
             else:
-                h1 = cast("HttpUpstream", up)
-                h1.exchange = None
-                h1.resume_reading()
-                cluster = self.cluster
-                if not (
-                    self.response_done
-                    and request_complete
-                    and h1.keep_alive
-                    and not h1.closed
-                    and cluster is not None
-                    and self.endpoint is not None
-                    and cluster.release(self.endpoint, h1)
-                ):
-                    h1.close()
+                cast("HttpUpstream", up).end_exchange(
+                    self.cluster, self.endpoint, self.response_done and request_complete
+                )
         cluster = self.cluster
         if cluster is not None:
             cluster.finished(self.chosen, self.endpoint, self.status, self.error, self.start)
