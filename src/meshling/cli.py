@@ -90,6 +90,12 @@ def _proxy_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from meshling.runner.command import run
+
+    return run(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from meshling.demo.main import run
 
@@ -112,6 +118,9 @@ def _control_plane_run(args: argparse.Namespace) -> int:
     if args.offline_after <= 0:
         print("--offline-after: must be a positive number of seconds", file=sys.stderr)
         return 2
+    if not args.stats_interval >= 1:
+        print("--stats-interval: must be at least 1 second", file=sys.stderr)
+        return 2
     if not (args.store and args.token_file):  # something lives in the data directory
         try:
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -129,6 +138,7 @@ def _control_plane_run(args: argparse.Namespace) -> int:
         offline_after=args.offline_after,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        stats_interval=args.stats_interval,
     )
 
 
@@ -142,6 +152,40 @@ def _ca(args: argparse.Namespace) -> int:
     from meshling.identity.cli import run
 
     return run(args.rest)
+
+
+def _proxy_options(parser: argparse.ArgumentParser) -> None:
+    """The options that make a proxy: `meshling proxy run` and `meshling run` share them."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--config",
+        "-c",
+        help="snapshot file, YAML or JSON, for a standalone proxy (env MESHLING_CONFIG)",
+    )
+    mode.add_argument(
+        "--cp",
+        metavar="URL[,URL...]",
+        help="control-plane addresses, http(s)://HOST:PORT, tried in turn (env MESHLING_CP)",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="with --cp: the dataplane token, from `meshling token dataplane` "
+        "(env MESHLING_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--dataplane",
+        help="with --cp: this proxy's Dataplane resource, YAML or JSON (env MESHLING_DATAPLANE)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="with --cp: where the snapshot and credentials are cached, made 0700 "
+        "(env MESHLING_DATA_DIR; default ./meshling-proxy)",
+    )
+    parser.add_argument(
+        "--cp-ca-file",
+        help="with an https:// --cp: the CA certificates (PEM) that vouch for the control "
+        "plane's server certificate (env MESHLING_CP_CA_FILE; default the system's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,40 +209,51 @@ def build_parser() -> argparse.ArgumentParser:
         "issues its certificate and pushes its snapshots, cached in --data-dir so that it "
         "starts and serves while no control plane answers. SIGTERM drains and exits.",
     )
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--config",
-        "-c",
-        help="snapshot file, YAML or JSON, for a standalone proxy (env MESHLING_CONFIG)",
-    )
-    mode.add_argument(
-        "--cp",
-        metavar="URL[,URL...]",
-        help="control-plane addresses, http(s)://HOST:PORT, tried in turn (env MESHLING_CP)",
-    )
-    run.add_argument(
-        "--token-file",
-        help="with --cp: the dataplane token, from `meshling token dataplane` "
-        "(env MESHLING_TOKEN_FILE)",
-    )
-    run.add_argument(
-        "--dataplane",
-        help="with --cp: this proxy's Dataplane resource, YAML or JSON (env MESHLING_DATAPLANE)",
-    )
-    run.add_argument(
-        "--data-dir",
-        help="with --cp: where the snapshot and credentials are cached, made 0700 "
-        "(env MESHLING_DATA_DIR; default ./meshling-proxy)",
-    )
-    run.add_argument(
-        "--cp-ca-file",
-        help="with an https:// --cp: the CA certificates (PEM) that vouch for the control "
-        "plane's server certificate (env MESHLING_CP_CA_FILE; default the system's)",
-    )
+    _proxy_options(run)
     run.set_defaults(func=_proxy_run)
     validate = proxy_commands.add_parser("validate", help="check a snapshot file and exit")
     validate.add_argument("--config", "-c", required=True, help="snapshot file, YAML or JSON")
     validate.set_defaults(func=_proxy_validate)
+
+    app_run = commands.add_parser(
+        "run",
+        help="run an app next to its proxy: run [proxy options] -- APP ARGS...",
+        description="Start a proxy (the options of `meshling proxy run`), wait until it is "
+        "ready, then run the app with MESHLING_ADMIN and the proxy's addresses in its "
+        "environment. Signals go to the app; when it exits the proxy drains, and meshling "
+        "run exits with the app's code. Exit 70: the proxy exited before it was ready; 71: "
+        "not ready in time; 72: the proxy exited while the app ran (the app was stopped); "
+        "2: bad options or files.",
+    )
+    _proxy_options(app_run)
+    app_run.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the proxy may take to answer GET /ready with 200 (default 60)",
+    )
+    app_run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the app exits, how long the proxy may drain before it is killed (default 30)",
+    )
+    app_run.add_argument(
+        "--app-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when the proxy dies, how long the app has after SIGTERM before SIGKILL (default 10)",
+    )
+    app_run.add_argument(
+        "--proxy-log",
+        metavar="FILE",
+        help="append the proxy's output to FILE (default: stderr)",
+    )
+    app_run.add_argument("app", nargs=argparse.REMAINDER, help="-- APP ARGS...")
+    app_run.set_defaults(func=_run)
 
     demo = commands.add_parser(
         "demo",
@@ -280,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         "offline (default 30)",
     )
     cp_run.add_argument(
+        "--stats-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often proxies send their golden counters, for `meshling stat` (default 5)",
+    )
+    cp_run.add_argument(
         "--tls-cert",
         default=os.environ.get("MESHLING_CP_TLS_CERT"),
         help="serve https:// and wss:// with this certificate chain, PEM (env "
@@ -299,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("token", "dataplane tokens: token dataplane --service S | token revoke JTI"),
         ("inspect", "a dataplane's stream, snapshot and certificate: inspect dataplane NAME"),
         ("check", "is the mesh healthy: control plane, proxies, certificates"),
+        ("stat", "golden metrics of services: stat [SERVICE] [--window 60s] [--by route]"),
+        ("tap", "watch a service's requests live: tap SERVICE [--path P] [--status 5xx]"),
+        ("explain", "why a request takes its route and is let in: explain SOURCE DESTINATION"),
     ):
         command = commands.add_parser(
             name, help=summary, add_help=False, description=f"{summary}; `--help` for options."
@@ -312,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage a file-based mesh CA; `meshling ca --help` for commands.",
     )
     ca.set_defaults(func=_ca)
+
+    from meshling.transparent.cli import add_commands as add_transparent
+
+    add_transparent(commands)
     return parser
 
 
@@ -319,7 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # The demo and the CA commands parse their own options; the rest must be known here.
     args, rest = parser.parse_known_args(argv)
-    forwarded = ("demo", "ca", "apply", "get", "delete", "token", "inspect", "check")
+    forwarded = (
+        "demo",
+        "ca",
+        "apply",
+        "get",
+        "delete",
+        "token",
+        "inspect",
+        "check",
+        "stat",
+        "tap",
+        "explain",
+    )
     if rest and args.command not in forwarded:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from meshling.http1 import RequestDecoder
 from meshling.snapshot.load import ACCESS_LOG_FIELDS
-from meshling.snapshot.model import AccessLog, Endpoint
+from meshling.snapshot.model import AccessLog, AccessLogBackend, Endpoint
 from meshling.telemetry.accesslog import AccessLogWriter
 from meshling.telemetry.metrics import Metrics
 
@@ -31,6 +31,10 @@ def record(path: bytes, agent: bytes) -> tuple[object, ...]:
         17,
         None,
         b"rid-1",
+        None,
+        "",
+        "outbound",
+        "web",
     )
 
 
@@ -40,7 +44,9 @@ def write(
     log = tmp_path / "access.log"
 
     async def run() -> None:
-        writer = AccessLogWriter(AccessLog(str(log), "json", fields), Metrics())
+        named = tuple((f, None) for f in fields)
+        sink = AccessLog(AccessLogBackend("file", str(log)), "json", named)
+        writer = AccessLogWriter(sink, Metrics())
         for r in records:
             writer.log(r)
         writer.close()

@@ -348,6 +348,8 @@ def test_policy_of_names_every_registered_kind() -> None:
         ("RateLimit", "everyone", {"web", "api-1", "api-2", "db"}),
         ("RateLimit", "api-v2-from-web", {"api-2"}),
         ("FaultInjection", "api-zone-b-aborts", {"api-2"}),
+        # whole-proxy: the dataplanes it selects
+        ("Trace", "api-v2", {"api-2"}),
         # a name no version has: everything
         ("Retry", "gone", {"web", "api-1", "api-2", "db"}),
     ],
@@ -456,15 +458,15 @@ def test_build_places_every_policy_golden_where_the_proxy_accepts_it(path: Path)
     with path.open(encoding="utf-8") as f:
         documents = [d for d in yaml.safe_load_all(f) if d]
     assert documents
+    anyone = [{"service": "*"}]
     everywhere = [
         parse_resource(
             {
                 **d,
-                "spec": {
-                    **d["spec"],
-                    "sources": [{"service": "*"}],
-                    "destinations": [{"service": "*"}],
-                },
+                # a whole-proxy kind (Trace) selects dataplanes, the others traffic
+                "spec": {**d["spec"], "dataplanes": anyone}
+                if "dataplanes" in d["spec"]
+                else {**d["spec"], "sources": anyone, "destinations": anyone},
             },
             str(path),
         )

@@ -54,9 +54,17 @@ from meshling.configstream import (
     decode_server,
     encode,
 )
-from meshling.configstream.messages import MAX_MESSAGE_BYTES
+from meshling.configstream.messages import (
+    MAX_MESSAGE_BYTES,
+    TELEMETRY_FEATURE,
+    Stats,
+    StatsRow,
+    Tap,
+    TelemetryOffer,
+    Untap,
+)
 from meshling.snapshot import SnapshotError, from_dict
-from meshling.telemetry.metrics import ControlPlaneStats, Metrics
+from meshling.telemetry.metrics import BUCKETS, ControlPlaneStats, Metrics
 
 if TYPE_CHECKING:
     from meshling.proxy.server import Proxy
@@ -71,6 +79,10 @@ PING_TIMEOUT: Final = 15.0
 MAX_SLEEP: Final = 60.0
 # how often a proxy waiting to reconnect looks for a replaced token file
 TOKEN_POLL: Final = 1.0
+# how often matched tap events go to the control plane: small batches, soon after
+TAP_FLUSH: Final = 0.25
+# the shortest stats interval a control plane may ask for
+MIN_STATS_INTERVAL: Final = 1.0
 
 
 class Refused(Exception):
@@ -118,6 +130,9 @@ class Agent:
         self.applied: str | None = None
         self.credentials: Credentials | None = None
         self.stopping = asyncio.Event()
+        # when this process started counting: the golden counters sent as `stats` are
+        # cumulative since then, and a new value tells the control plane they restarted
+        self.started = time.time()
         self._renewing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -265,20 +280,91 @@ class Agent:
                 self.document,
                 self.applied,
                 TlsPaths(self.data.certificate, self.data.key, self.data.trust_bundle),
-                {"version": __version__},
+                {"version": __version__, "features": [TELEMETRY_FEATURE]},
             )
             await websocket.send(encode(hello))
             log.info("config stream open to %s (running %s)", url, self.applied or "nothing")
             self.stats.connected = 1
-            async for text in websocket:
-                message = decode_server(text)
-                if isinstance(message, Refusal):
-                    if message.reason in TRANSIENT_REFUSALS:
-                        raise ConnectionError(f"{message.reason}: {message.message}")
-                    raise Refused(f"{message.reason}: {message.message}")
-                self.backoff.success()
-                reply = await self.on_push(message)
-                await websocket.send(encode(reply))
+            from meshling.proxy.tap import Taps
+
+            taps = Taps(self.metrics)
+            telemetry: asyncio.Task[None] | None = None
+            try:
+                async for text in websocket:
+                    message = decode_server(text)
+                    if isinstance(message, Refusal):
+                        if message.reason in TRANSIENT_REFUSALS:
+                            raise ConnectionError(f"{message.reason}: {message.message}")
+                        raise Refused(f"{message.reason}: {message.message}")
+                    if isinstance(message, TelemetryOffer):
+                        if telemetry is None:
+                            interval = max(MIN_STATS_INTERVAL, message.stats_interval)
+                            telemetry = asyncio.ensure_future(
+                                self._telemetry(websocket, taps, interval)
+                            )
+                    elif isinstance(message, Tap):
+                        if taps.add(message):
+                            log.info(
+                                "tap %s: sending requests matching %s for up to %.0fs",
+                                message.id,
+                                {k: v for k, v in message.filter.to_dict().items() if v},
+                                message.duration,
+                            )
+                        else:
+                            log.warning("tap %s refused: too many taps running", message.id)
+                    elif isinstance(message, Untap):
+                        if message.id in taps.sessions:
+                            log.info("tap %s: ended by the control plane", message.id)
+                        taps.remove(message.id)
+                    else:
+                        self.backoff.success()
+                        reply = await self.on_push(message)
+                        await websocket.send(encode(reply))
+            finally:
+                # taps live only as long as the stream that asked for them
+                taps.clear()
+                if telemetry is not None:
+                    telemetry.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await telemetry
+
+    def golden_stats(self) -> Stats:
+        """The proxy's golden counters as a `stats` message, cumulative since start-up."""
+        rows = tuple(
+            StatsRow(
+                direction,
+                source,
+                destination,
+                route,
+                tuple(s.by_class),
+                tuple(s.buckets),
+                s.sum,
+                dict(s.grpc_statuses) if s.grpc_statuses is not None else None,
+            )
+            for (direction, source, destination, route), s in self.metrics.golden().items()
+        )
+        return Stats(self.started, BUCKETS, rows)
+
+    async def _telemetry(self, websocket: Any, taps: Any, interval: float) -> None:
+        """Send the golden counters now and every `interval`, and tap events as they
+        match, in batches every TAP_FLUSH seconds. Ends with the stream."""
+        from websockets.exceptions import ConnectionClosed
+
+        next_stats = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_stats:
+                    await websocket.send(encode(self.golden_stats()))
+                    next_stats = now + interval
+                for batch in taps.take():
+                    await websocket.send(encode(batch))
+                await asyncio.sleep(TAP_FLUSH)
+        except ConnectionClosed:
+            pass  # the stream loop sees the close too, and reconnects
+        except Exception:
+            # never the proxy's traffic: only what the control plane sees of it stops
+            log.exception("stats and taps to the control plane stopped")
 
     async def on_push(self, push: Push) -> Ack | Nack:
         """Apply a pushed snapshot, or say why not; the running one stays on failure."""

@@ -3,7 +3,9 @@ proxy says whether it applied them. Shared by both planes, so it imports nothing
 the standard library.
 
 * `messages` — the messages and their JSON encoding (sans-I/O): `Hello`, `Ack`, `Nack`
-  from the proxy; `Push`, `Refusal` from the control plane.
+  from the proxy; `Push`, `Refusal` from the control plane; and, between peers that both
+  announced them, the telemetry ones: `Stats`, `TapEvents` up, `TelemetryOffer`, `Tap`,
+  `Untap` down.
 
 The transport is a WebSocket at `/api/v1/stream`; see `docs/config-stream.md`.
 """

@@ -7,6 +7,11 @@
     meshling token dataplane --service S [--mesh M] [--ttl 24h] [-o FILE]
     meshling token revoke JTI [--mesh M]
     meshling inspect dataplane NAME [--mesh M] [-o text|yaml|json]
+    meshling stat [SERVICE] [--mesh M] [--window 60s] [--by service|route] [-o table|json]
+    meshling tap SERVICE [--mesh M] [--direction D] [--method M] [--path P] [--status S]
+                 [--sample PCT] [--max N] [--duration 30s] [-o text|json]
+    meshling explain SOURCE DESTINATION [--mesh M] [--dataplane N] [--method M] [--path P]
+                 [--header k=v ...] [--port P] [-o text|json]
 
 Where the control plane is, and the admin token, come from flags, then the environment,
 then a config file, then defaults:
@@ -37,10 +42,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,6 +246,72 @@ def build_parser() -> argparse.ArgumentParser:
         "theirs at half-life, so a 24h one has 12h or more left; 30m, 7d...)",
     )
     check.set_defaults(func=_check)
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="why a request takes its route, is let in or not, and which policies apply",
+        description="Explain a request from SOURCE (a service, or a dataplane's name) to "
+        "the service DESTINATION: the route its outbound takes (HTTPRoute rule or default, "
+        "backends, the rules tried before and why they did not match), the "
+        "TrafficPermission rule that admits or denies it, and every policy on the way, "
+        "with the ones a more specific policy shadows. Computed by the control plane from "
+        "the same code that builds the proxies' snapshots. Exits 0 when the request would "
+        "be allowed, 1 when it would be denied or has no route, 2 on bad input or an "
+        "unreachable control plane.",
+    )
+    explain.add_argument("source", help="the calling service, or one dataplane's name")
+    explain.add_argument("destination", help="the called service")
+    explain.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    explain.add_argument("--dataplane", help="only this dataplane of the source service")
+    explain.add_argument("--method", default="GET", help="the request's method (default GET)")
+    explain.add_argument("--path", default="/", help="the request's path and query (default /)")
+    explain.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request header; may be repeated",
+    )
+    explain.add_argument("--port", type=int, help="the destination's inbound port")
+    explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    explain.set_defaults(func=_explain)
+
+    stat = commands.add_parser(
+        "stat",
+        parents=[common],
+        help="golden metrics of services: success rate, requests a second, latency",
+        description="Success rate, requests a second and latency percentiles of each "
+        "service (or route) over a window, from the counters the proxies send their "
+        "control plane (the server side: each service's inbound requests).",
+    )
+    stat.add_argument("service", nargs="?", help="only this service")
+    stat.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    stat.add_argument("--window", "-w", default="60s", help="30s, 5m... (default 60s, max 15m)")
+    stat.add_argument("--by", choices=["service", "route"], default="service")
+    stat.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    stat.set_defaults(func=_stat)
+
+    tap = commands.add_parser(
+        "tap",
+        parents=[common],
+        help="watch a service's requests live",
+        description="Print the requests to SERVICE as they end, one line each: inbound "
+        "ones from its own proxies, outbound ones from the proxies calling it. Ends after "
+        "--duration or --max requests, or on Ctrl-C.",
+    )
+    tap.add_argument("service", help="the service to watch")
+    tap.add_argument("--mesh", "-m", default="default", help="the mesh (default: default)")
+    tap.add_argument("--direction", choices=["inbound", "outbound"], help="default: both")
+    tap.add_argument("--method", help="only this method (GET, POST...)")
+    tap.add_argument("--path", help="only paths with this prefix")
+    tap.add_argument("--status", help="only this status class (5xx) or code (503)")
+    tap.add_argument("--sample", type=float, default=100.0, help="percent of requests (100)")
+    tap.add_argument("--max", type=int, default=100, help="stop after N requests (100)")
+    tap.add_argument("--duration", default="30s", help="stop after this long (30s)")
+    tap.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    tap.set_defaults(func=_tap)
     return parser
 
 
@@ -394,6 +466,101 @@ def _inspect(options: argparse.Namespace) -> int:
     else:
         print(inspection(status), end="")
     return 0
+
+
+def _stat(options: argparse.Namespace) -> int:
+    from meshling.controlplane.stat_view import parse_seconds, stat_table
+
+    try:
+        window = parse_seconds(options.window, "--window")
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    client = connect(options)
+    try:
+        body = call(client, lambda: client.stats(options.mesh, window, options.service, options.by))
+    except ApiError as e:
+        raise CliError(str(e)) from None
+    if options.output == "json":
+        print(json.dumps(body, indent=2))
+    elif options.service and not body.get("services"):
+        raise CliError(f"no service {options.service!r} in mesh {options.mesh!r}")
+    else:
+        print(stat_table(body, options.by), end="")
+    return 0
+
+
+def _tap(options: argparse.Namespace) -> int:
+    from meshling.controlplane.stat_view import parse_seconds, tap_end, tap_line
+
+    try:
+        duration = parse_seconds(options.duration, "--duration")
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    query = {
+        "mesh": options.mesh,
+        "service": options.service,
+        "sample": f"{options.sample:g}",
+        "max": str(options.max),
+        "duration": f"{duration:g}",
+    }
+    for name in ("direction", "method", "path", "status"):
+        if getattr(options, name):
+            query[name] = getattr(options, name)
+    client = connect(options)
+    try:
+        for event in call(client, lambda: _started(client.tap(query, duration))):
+            if options.output == "json":
+                print(json.dumps(event, separators=(",", ":")), flush=True)
+            elif "end" in event:
+                print(tap_end(event), file=sys.stderr, flush=True)
+            else:
+                print(tap_line(event), flush=True)
+    except ApiError as e:
+        raise CliError(str(e)) from None
+    except Unreachable as e:
+        raise CliError(str(e), 2) from None
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _started(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`events` with its first item read now, so that a refusal of the request (an
+    unknown service, a bad filter) is raised here rather than while iterating."""
+    try:
+        first = next(events)
+    except StopIteration:
+        return iter(())
+    return itertools.chain((first,), events)
+
+
+def _explain(options: argparse.Namespace) -> int:
+    from meshling.controlplane.explain import render_text
+
+    query = [
+        ("mesh", options.mesh),
+        ("source", options.source),
+        ("destination", options.destination),
+        ("method", options.method),
+        ("path", options.path),
+    ]
+    query += [("header", h) for h in options.header]
+    if options.dataplane:
+        query.append(("dataplane", options.dataplane))
+    if options.port is not None:
+        query.append(("port", str(options.port)))
+    client = connect(options)
+    try:
+        answer = call(client, lambda: client.explain(query))
+    except CliError as e:  # a refused token: not an answer about the request
+        raise CliError(str(e), 2) from None
+    except ApiError as e:  # bad input, an unknown mesh or service
+        raise CliError(str(e), 2) from None
+    if options.output == "json":
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+    else:
+        print(render_text(answer), end="")
+    return 0 if answer.get("allowed") is True else 1
 
 
 def _check(options: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from meshling.controlplane.resources import MESH_KIND
@@ -241,6 +242,49 @@ class Client:
 
     def dataplane_status(self, mesh: str, name: str) -> dict[str, Any]:
         return self._object("GET", f"/api/v1/status/dataplanes/{_segment(mesh)}/{_segment(name)}")
+
+    def explain(self, query: list[tuple[str, str]]) -> dict[str, Any]:
+        """`GET /api/v1/explain` with these query parameters (`header` may repeat)."""
+        return self._object("GET", "/api/v1/explain?" + urllib.parse.urlencode(query))
+
+    def stats(
+        self, mesh: str, window: float, service: str | None = None, by: str = "service"
+    ) -> dict[str, Any]:
+        """Golden metrics over the last `window` seconds (`GET /api/v1/stats`)."""
+        query = {"mesh": mesh, "window": f"{window:g}", "by": by}
+        if service:
+            query["service"] = service
+        return self._object("GET", "/api/v1/stats?" + urllib.parse.urlencode(query))
+
+    def tap(self, query: dict[str, str], duration: float) -> Iterator[dict[str, Any]]:
+        """The events of a tap (`GET /api/v1/tap`) as they arrive, then its end line."""
+        headers = {"Accept": "application/x-ndjson"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url + "/api/v1/tap?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url, headers=headers, method="GET")
+        try:
+            # a quiet tap sends nothing until its end: wait that long, and a margin
+            response = urllib.request.urlopen(
+                request, timeout=duration + self.timeout, context=self._context()
+            )
+        except urllib.error.HTTPError as e:
+            raise _api_error(e.code, e.read(), e.reason) from None
+        except urllib.error.URLError as e:
+            raise Unreachable(self.url, str(e.reason)) from None
+        except (TimeoutError, ConnectionError) as e:
+            raise Unreachable(self.url, str(e) or type(e).__name__) from None
+        with response:
+            try:
+                for line in response:
+                    if line.strip():
+                        yield json.loads(line)
+            except (TimeoutError, ConnectionError) as e:
+                raise Unreachable(self.url, str(e) or type(e).__name__) from None
+            except ValueError:
+                raise ApiError(
+                    0, f"the control plane sent a bad tap line: {line[:200]!r}"
+                ) from None
 
     # HTTP
 

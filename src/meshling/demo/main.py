@@ -511,6 +511,8 @@ class Demo:
         until = f"for {self.duration:g}s" if self.duration else "until Ctrl-C"
         lines = [
             "",
+            f"web GUI: {self._gui_url()}",
+            "  (the address signs in with the demo's admin token; keep it to yourself)",
             "where to look (from another terminal, in this directory):",
             f"  source {env}        # MESHLING_CP={top.cp_url}, "
             f"MESHLING_ADMIN_TOKEN_FILE={_shown(self.admin_token_file)}",
@@ -541,6 +543,16 @@ class Demo:
         ]
         print("\n".join(lines), flush=True)
         print("  all proxies ready; sending traffic", flush=True)
+
+    def _gui_url(self) -> str:
+        """The web GUI's address, signed in by the admin token in its fragment (which the
+        browser never sends to the server); the plain address if the token is unreadable."""
+        url = f"{self.topology.cp_url}/gui/"
+        try:
+            token = self.admin_token_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            return url
+        return f"{url}#token={token}"
 
     # -- 6. the traffic phase, on the event loop -----------------------------------
 

@@ -35,8 +35,13 @@ F = TypeVar("F")  # the snapshot fragment
 # - "cluster": the outbound cluster of a destination service (`clusters[].<key>`);
 # - "chain": an inbound filter chain, as rules by caller (`filter_chains[].<key>`);
 # - "routes": the outbound's routes themselves (HTTPRoute) or its TCP filter's clusters
-#   (TCPRoute): the builder reads the fragment in place of its one route to the service.
-Attach = Literal["authz", "route", "cluster", "chain", "routes"]
+#   (TCPRoute): the builder reads the fragment in place of its one route to the service;
+# - "listener": every filter chain of the dataplane it selects, outbound and inbound
+#   (AccessLog): `fragment(resources, mesh, dataplane, destination)` -> the chain's fields;
+# - "proxy": the whole proxy, at the snapshot's top level (`<key>:`, Trace):
+#   `fragment(resources selecting the dataplane, mesh, dataplane=(service, tags))` -> the
+#   most specific one's section ({}: none).
+Attach = Literal["authz", "route", "cluster", "chain", "routes", "listener", "proxy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,7 @@ POLICIES: tuple[PolicyType[Any, Any], ...]
 
 def _registry() -> tuple[PolicyType[Any, Any], ...]:
     from meshling.policies import (
+        access_log,
         circuit_breaker,
         fault_injection,
         health_check,
@@ -79,6 +85,7 @@ def _registry() -> tuple[PolicyType[Any, Any], ...]:
         retry,
         tcp_route,
         timeout,
+        trace,
         traffic_permission,
     )
 
@@ -169,6 +176,24 @@ def _registry() -> tuple[PolicyType[Any, Any], ...]:
             attach="cluster",
             key="health_check",
             fragment=health_check.fragment,
+        ),
+        PolicyType(  # which exchanges and connections are logged, and where: wraps them all
+            access_log.KIND,
+            access_log.parse_resource,
+            None,
+            access_log.selects,
+            attach="listener",
+            key="access_log",
+            fragment=access_log.fragment,
+        ),
+        PolicyType(  # one span per request through the proxy: wraps them all, like logs
+            trace.KIND,
+            trace.parse_resource,
+            None,
+            trace.selects,
+            attach="proxy",
+            key="tracing",
+            fragment=trace.fragment,
         ),
     )
 

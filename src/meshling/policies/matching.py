@@ -116,17 +116,49 @@ def _service(node: _Node, mesh: str) -> str:
     return metadata.service(node, mesh)
 
 
+def matched_selectors(
+    policy: Targeted,
+    source: tuple[str, Mapping[str, str]],
+    destination: tuple[str, Mapping[str, str]],
+) -> tuple[Selector, Selector] | None:
+    """The most specific (destination, source) selectors of `policy` matching this pair,
+    or None if it does not select it: what `match_score` scores, and what `meshling
+    explain` names as the reason a policy applies."""
+    dest = [s for s in policy.destinations if s.matches(*destination)]
+    src = [s for s in policy.sources if s.matches(*source)]
+    if not dest or not src:
+        return None
+    # max keeps the first of equals, so the selector named is the first one written
+    return max(dest, key=_specificity), max(src, key=_specificity)
+
+
+def _specificity(selector: Selector) -> tuple[int, int]:
+    return selector.specificity
+
+
 def match_score(
     policy: Targeted,
     source: tuple[str, Mapping[str, str]],
     destination: tuple[str, Mapping[str, str]],
 ) -> tuple[int, int, int, int] | None:
     """How specifically `policy` selects this pair, or None if it does not select it."""
-    dest = [s.specificity for s in policy.destinations if s.matches(*destination)]
-    src = [s.specificity for s in policy.sources if s.matches(*source)]
-    if not dest or not src:
+    found = matched_selectors(policy, source, destination)
+    if found is None:
         return None
-    return (*max(dest), *max(src))
+    return (*found[0].specificity, *found[1].specificity)
+
+
+def ranked_matches(
+    policies: Iterable[T],
+    source: tuple[str, Mapping[str, str]],
+    destination: tuple[str, Mapping[str, str]],
+) -> list[tuple[T, tuple[int, int, int, int]]]:
+    """The policies selecting traffic from `source` to `destination`, with their scores,
+    in precedence order: the first governs, the others are shadowed by it. A higher
+    score wins; on a tie, the name that sorts first."""
+    scored = [(p, s) for p in policies if (s := match_score(p, source, destination)) is not None]
+    scored.sort(key=lambda item: (tuple(-x for x in item[1]), item[0].name))
+    return scored
 
 
 def best_match(
@@ -135,16 +167,9 @@ def best_match(
     destination: tuple[str, Mapping[str, str]],
 ) -> T | None:
     """The policy that governs traffic from `source` to `destination` ((service, tags)
-    each), or None when no policy selects both."""
-    best: tuple[tuple[int, int, int, int], str, T] | None = None
-    for policy in policies:
-        score = match_score(policy, source, destination)
-        if score is None:
-            continue
-        # higher score wins; on a tie, the name that sorts first
-        if best is None or score > best[0] or (score == best[0] and policy.name < best[1]):
-            best = (score, policy.name, policy)
-    return None if best is None else best[2]
+    each), or None when no policy selects both: the first of `ranked_matches`."""
+    ranked = ranked_matches(policies, source, destination)
+    return ranked[0][0] if ranked else None
 
 
 def _wanted(selectors: tuple[Selector, ...]) -> str:

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from meshling.proxy.mirror import MirrorCopy
     from meshling.snapshot.model import Endpoint, Redirect, Route
     from meshling.telemetry.metrics import HttpStats
+    from meshling.tracing.hop import Hop
 
 # Headers of this prefix are the mesh's own: a client may not set them.
 INTERNAL_PREFIX = b"x-meshling-"
@@ -493,6 +494,7 @@ class Exchange:
         "start",
         "status",
         "timer",
+        "trace",
         "upgrade_tail",
         "upstream",
         "upstream_head",
@@ -543,6 +545,8 @@ class Exchange:
         self.body_out = 0
         self.error: str | None = None
         self.request_id = b""
+        # the trace this request joined (meshling.tracing), while tracing is on
+        self.trace: Hop | None = None
 
     # -- building the upstream request ------------------------------------------------
     def build_upstream_head(self) -> None:
@@ -555,6 +559,10 @@ class Exchange:
         assert head is not None
         http = self.downstream.http
         fields = head.headers
+        tracer = self.downstream.chain.tracer
+        if tracer is not None:
+            # the caller's trace fields are replaced by the hop's own, below
+            self.trace, fields = tracer.begin(fields)
         if _names_other_fields(fields):
             fields = strip_hop_by_hop(fields)
         route = self.route
@@ -587,6 +595,9 @@ class Exchange:
             b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n"
             % (xff + b", " + peer if xff else peer, xfp or b"http", request_id)
         )
+        if tracer is not None:
+            for field in self.trace.fields:  # type: ignore[union-attr]
+                out.append(b"%b: %b\r\n" % field)
         identity = self.downstream.peer_identity
         if identity is not None:
             # Client copies were dropped with the other x-meshling-* fields above.
@@ -1032,13 +1043,17 @@ class Exchange:
                 downstream.close()
 
     def _record(self) -> None:
-        record(self, self.downstream.chain, self.downstream.peer, self.downstream.source)
+        down = self.downstream
+        record(self, down.chain, down.peer, down.source, down.peer_identity)
 
 
-def record(ex: Any, chain: ChainRuntime, peer: bytes, source: str) -> HttpStats:
+def record(
+    ex: Any, chain: ChainRuntime, peer: bytes, source: str, identity: bytes | None = None
+) -> HttpStats | None:
     """Count an ended exchange (HTTP/1.1 or an HTTP/2 stream) in its route's metrics (by
-    the calling `source` service on an inbound listener) and write its access log record;
-    the counters, for more of them."""
+    the calling `source` service on an inbound listener), end its trace span and write its
+    access log record (with the caller's SPIFFE `identity`, which also picks the inbound
+    sinks that log it); the counters, for more of them (None with golden metrics off)."""
     route = ex.route
     duration = time.monotonic() - ex.start
     route_name = route.name if route is not None else "none"
@@ -1046,11 +1061,19 @@ def record(ex: Any, chain: ChainRuntime, peer: bytes, source: str) -> HttpStats:
         cluster_name = ex.cluster.config.name  # the one picked, on a weighted route
     else:
         cluster_name = route.cluster if route is not None else "none"
-    stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name, source)
-    stats.record(ex.status, duration)
+    stats = None
+    if chain.golden:  # the snapshot's `metrics: {enabled: false}` turns these off
+        stats = chain.metrics.http_stats(chain.listener, route_name, cluster_name, source)
+        stats.record(ex.status, duration)
+    tracer = chain.tracer
+    if tracer is not None and (ex.trace is None or ex.trace.sampled):
+        tracer.end(ex, chain, peer, source, route_name, cluster_name, duration)
+    taps = chain.metrics.tap
+    if taps is not None:  # `meshling tap` is watching (meshling.proxy.tap)
+        taps.observe(ex, chain.listener, source, route_name, cluster_name, duration)
     log = chain.access_log
     if log is not None:
-        # In meshling.telemetry.accesslog's record order.
+        # In meshling.telemetry.logformat's record order; rendered later, off this path.
         log.log(
             (
                 time.time() - duration,
@@ -1066,7 +1089,12 @@ def record(ex: Any, chain: ChainRuntime, peer: bytes, source: str) -> HttpStats:
                 ex.body_out,
                 ex.error,
                 ex.request_id,
-            )
+                identity,
+                source,
+                chain.direction,
+                chain.metrics.service,
+            ),
+            identity,
         )
     return stats
 

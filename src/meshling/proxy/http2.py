@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from meshling.proxy.ratelimit import Refusal
     from meshling.proxy.retry import RouteRetries
     from meshling.snapshot.model import Endpoint, Http2Limits, HttpFilter, Route
+    from meshling.tracing.hop import Hop
 
 log = logging.getLogger("meshling.proxy")
 
@@ -693,6 +694,7 @@ class H2Exchange:
         "start",
         "status",
         "timer",
+        "trace",
         "tried",
         "unacked_down",
         "unacked_up",
@@ -730,6 +732,8 @@ class H2Exchange:
         self.grpc_status: int | None = None
         self.error: str | None = None
         self.request_id = b""
+        # the trace this request joined (meshling.tracing), while tracing is on
+        self.trace: Hop | None = None
         self.body_in = 0
         self.body_out = 0
         # flow-controlled bytes received and not yet acknowledged, each way
@@ -941,6 +945,13 @@ class H2Exchange:
         route = self.route
         if route is not None and route.request_headers is not None:
             fields = route.request_headers.apply(fields)
+        tracer = down.chain.tracer
+        if tracer is not None:
+            # the caller's trace fields are replaced by the hop's own (one hop for every
+            # attempt and the mirror's copy)
+            hop, fields = tracer.begin(fields)
+            if self.trace is None:
+                self.trace = hop
         out: list[tuple[bytes, bytes]] = []
         xff = xfp = request_id = b""
         for name, value in fields:
@@ -967,6 +978,8 @@ class H2Exchange:
         out.append((b"x-request-id", request_id))
         if down.peer_identity is not None:
             out.append((b"x-meshling-peer-identity", down.peer_identity))
+        if self.trace is not None:
+            out.extend(self.trace.fields)
         return out
 
     def _target(self) -> bytes:
@@ -1477,8 +1490,9 @@ class H2Exchange:
     def _record(self) -> None:
         from meshling.proxy.http import record
 
-        stats = record(self, self.down.chain, self.down.peer, self.down.source)
-        if self.is_grpc:
+        down = self.down
+        stats = record(self, down.chain, down.peer, down.source, down.peer_identity)
+        if self.is_grpc and stats is not None:
             stats.grpc(self.grpc_status)
 
 

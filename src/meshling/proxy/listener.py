@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from meshling.proxy.router import Router
 
@@ -20,13 +20,16 @@ if TYPE_CHECKING:
     from meshling.proxy.tls import ServerTls
     from meshling.snapshot.model import (
         ChainProtocol,
+        FilterChain,
         HttpFilter,
         Listener,
         ProtocolDetection,
         TcpFilter,
     )
-    from meshling.telemetry.accesslog import AccessLogWriter
+    from meshling.telemetry.accesslog import ChainLogs
     from meshling.telemetry.metrics import ListenerStats, Metrics
+    from meshling.tracing.recorder import ProxyTracing
+    from meshling.transparent.table import ChainTable
 
 
 log = logging.getLogger("meshling.proxy")
@@ -58,15 +61,20 @@ class ChainRuntime:
         "detection_stats",
         "direction",
         "draining",
+        "golden",
         "http",
         "inbound",
         "listener",
         "listener_stats",
         "metrics",
+        "name",
+        "passthrough",
         "retired",
         "router",
         "tcp",
         "tls",
+        "tracer",
+        "transparent",
         "version",
     )
 
@@ -75,12 +83,23 @@ class ChainRuntime:
         listener: Listener,
         clusters: dict[str, ClusterRuntime],
         metrics: Metrics,
-        access_log: AccessLogWriter | None,
+        access_log: ChainLogs | None,
         version: str,
         deadlines: Deadlines,
         tls: ServerTls | None = None,
+        *,
+        tracer: ProxyTracing | None = None,
+        golden: bool = True,
+        chain: FilterChain | None = None,
     ) -> None:
-        chain = listener.filter_chains[0]
+        # a transparent listener has a runtime per chain; the others their one chain
+        chain = chain if chain is not None else listener.filter_chains[0]
+        self.name = chain.name
+        # forwards to the original destination (transparent listeners)
+        self.passthrough = chain.passthrough
+        # a transparent listener's chains by original destination, on its first chain's
+        # runtime (the one its acceptor holds); None elsewhere
+        self.transparent: ChainTable[ChainRuntime] | None = None
         self.listener = listener.name
         self.direction = listener.direction
         if listener.direction is not None:
@@ -110,6 +129,10 @@ class ChainRuntime:
             self.inbound = InboundPolicies(
                 listener.name, chain.rate_limit, chain.fault, deadlines, metrics
             )
+        # the snapshot's tracing (meshling.tracing.recorder); None: off, nothing imported
+        self.tracer = tracer
+        # requests counted in the golden metrics (`metrics: {enabled: false}` turns off)
+        self.golden = golden
         self.draining = False
         # replaced by a reload: connections on it close after their current response
         self.retired = False
@@ -156,7 +179,7 @@ class ListenerRuntime:
         self.acceptor: TlsAcceptor | None = None
 
     @property
-    def kind(self) -> tuple[ChainProtocol, bool]:
+    def kind(self) -> tuple[ChainProtocol | Literal["transparent"], bool]:
         """What the socket is bound for (HTTP, TCP or auto; TLS or not): fixed for its
         lifetime."""
         return chain_kind(self.chain)
@@ -164,6 +187,19 @@ class ListenerRuntime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         connections = self.connections
+        if self.chain.transparent is not None:
+            from meshling.proxy.http import HttpDownstream
+            from meshling.proxy.tcp import TcpDownstream
+            from meshling.transparent.acceptor import TransparentAcceptor
+
+            self.acceptor = TransparentAcceptor(
+                self,
+                lambda chain: HttpDownstream(chain, connections),
+                lambda chain: TcpDownstream(chain, connections),
+                connections,
+            )
+            self.acceptor.start()
+            return
         if self.chain.detection is not None:
             from meshling.proxy.acceptor import DetectingAcceptor
             from meshling.proxy.http import HttpDownstream
@@ -206,8 +242,16 @@ class ListenerRuntime:
             self.acceptor.close()
 
 
-def chain_kind(chain: ChainRuntime) -> tuple[ChainProtocol, bool]:
-    """The protocol (http, tcp or auto) and whether TLS: what a bound socket serves."""
+def every_chain(chain: ChainRuntime) -> list[ChainRuntime]:
+    """A listener's chain runtimes: its one, or every chain of a transparent listener."""
+    return chain.transparent.values() if chain.transparent is not None else [chain]
+
+
+def chain_kind(chain: ChainRuntime) -> tuple[ChainProtocol | Literal["transparent"], bool]:
+    """The protocol (http, tcp or auto) and whether TLS: what a bound socket serves; a
+    transparent listener's socket serves whatever its chains do."""
+    if chain.transparent is not None:
+        return "transparent", False
     if chain.detection is not None:
         return "auto", chain.tls is not None
     return ("http" if chain.http is not None else "tcp"), chain.tls is not None

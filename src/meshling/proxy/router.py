@@ -121,6 +121,43 @@ def matches(
     return not match.query or _query_matches(match.query, query)
 
 
+def mismatch(
+    match: RouteMatch,
+    method: bytes,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    query: bytes = b"",
+) -> str | None:
+    """Why a request does not satisfy a route's match (its first failing part, for a
+    person: `meshling explain`), or None when it does. It checks the parts in the order
+    of `matches`, with the same functions, so the two always agree."""
+    pm = match.path
+    if not matches(RouteMatch(path=pm), method, path, []):
+        return f"path {path!r} is not {_path_text(pm.kind)} {pm.value!r}"
+    if match.methods and method not in match.methods:
+        wanted = ", ".join(sorted(m.decode("latin-1") for m in match.methods))
+        return f"method {method.decode('latin-1')} is not one of {wanted}"
+    for hm in match.headers:
+        if not _header_matches(hm, headers):
+            return f"header {hm.name.decode('latin-1')}: {_header_text(hm)}"
+    for qm in match.query:
+        if not _query_matches((qm,), query):
+            value = "" if qm.kind == "present" else f" {qm.value!r}"
+            return f"query parameter {qm.name}: not {qm.kind}{value}"
+    return None
+
+
+def _path_text(kind: str) -> str:
+    return {"prefix": "under prefix", "exact": "exactly", "regex": "matched by regex"}.get(
+        kind, kind
+    )
+
+
+def _header_text(hm: HeaderMatch) -> str:
+    wanted = "present" if hm.kind == "present" else f"{hm.kind} {hm.value!r}"
+    return f"wanted {'not ' if hm.invert else ''}{wanted}"
+
+
 def _query_matches(wanted: tuple[QueryMatch, ...], query: bytes) -> bool:
     from urllib.parse import parse_qsl
 

@@ -19,16 +19,28 @@ import logging
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from meshling.proxy.balancer import HostRegistry
 from meshling.proxy.cluster import ClusterRuntime, PoolSet
 from meshling.proxy.deadlines import Deadlines
 from meshling.proxy.health import HealthCheckers
-from meshling.proxy.listener import ChainRuntime, Connection, ListenerRuntime, chain_kind
+from meshling.proxy.listener import (
+    ChainRuntime,
+    Connection,
+    ListenerRuntime,
+    chain_kind,
+    every_chain,
+)
 from meshling.snapshot import Snapshot, SnapshotError, load
-from meshling.snapshot.model import Listener
-from meshling.telemetry.accesslog import AccessLogWriter
+from meshling.snapshot.model import AccessLog, AccessLogBackend, Listener
+from meshling.telemetry.accesslog import AccessLogWriters, ChainLogs
 from meshling.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from meshling.dns.server import DnsServer
+    from meshling.telemetry.otlp import OtlpExport
+    from meshling.tracing.recorder import ProxyTracing
 
 log = logging.getLogger("meshling.proxy")
 
@@ -57,7 +69,12 @@ class Proxy:
         self.deadlines = Deadlines()
         self.connections: set[Connection] = set()
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
-        self.access_log: AccessLogWriter | None = None
+        # one access log writer per backend, shared by listeners and kept across reloads
+        self.access_logs = AccessLogWriters(self.metrics)
+        # the span exporter while the snapshot has tracing on (telemetry.otlp)
+        self.trace_export: OtlpExport | None = None
+        # the DNS responder while the snapshot has a `dns:` section (meshling.dns)
+        self.dns: DnsServer | None = None
         self.admin: asyncio.Server | None = None
         self.ready = False
         self.draining = False
@@ -82,8 +99,9 @@ class Proxy:
             for runtime in self.listeners.values():
                 runtime.stop_accepting()
             self.listeners.clear()
-            if self.access_log is not None:
-                self.access_log.close()
+            self.access_logs.close()
+            if self.dns is not None:
+                self.dns.close()
             admin = self.snapshot.admin
             raise SnapshotError(
                 self.config_path or "<snapshot>",
@@ -102,7 +120,9 @@ class Proxy:
         )
 
     def _chains(
-        self, snapshot: Snapshot, access_log: AccessLogWriter | None
+        self,
+        snapshot: Snapshot,
+        tracing: ProxyTracing | None = None,
     ) -> dict[tuple[str, int], tuple[Listener, ChainRuntime]]:
         """Compile every listener's chain; TLS files are read and checked here."""
         source = self.config_path or "<snapshot>"
@@ -131,42 +151,110 @@ class Proxy:
             )
         chains = {}
         for i, li in enumerate(snapshot.listeners):
-            server_tls = None
-            chain_tls = li.filter_chains[0].tls
-            if chain_tls is not None:
-                from meshling.proxy.tls import ServerTls, TlsConfigError
+            # a transparent listener serves every chain, the others their one chain
+            runtimes = []
+            for j in range(len(li.filter_chains) if li.transparent else 1):
+                server_tls = None
+                chain_tls = li.filter_chains[j].tls
+                if chain_tls is not None:
+                    from meshling.proxy.tls import ServerTls, TlsConfigError
 
-                field = f"listeners[{i}].filter_chains[0].tls"
-                try:
-                    server_tls = ServerTls(
-                        chain_tls, field, self.metrics.tls_stats("downstream", li.name)
+                    field = f"listeners[{i}].filter_chains[{j}].tls"
+                    try:
+                        server_tls = ServerTls(
+                            chain_tls, field, self.metrics.tls_stats("downstream", li.name)
+                        )
+                    except TlsConfigError as exc:
+                        raise SnapshotError(source, exc.field, exc.reason) from None
+                runtimes.append(
+                    ChainRuntime(
+                        li,
+                        clusters,
+                        self.metrics,
+                        self._chain_logs(snapshot, i, li, j),
+                        snapshot.version,
+                        self.deadlines,
+                        server_tls,
+                        tracer=tracing,
+                        golden=snapshot.metrics.enabled,
+                        chain=li.filter_chains[j],
                     )
-                except TlsConfigError as exc:
-                    raise SnapshotError(source, exc.field, exc.reason) from None
-            chains[(li.address, li.port)] = (
-                li,
-                ChainRuntime(
-                    li,
-                    clusters,
-                    self.metrics,
-                    access_log,
-                    snapshot.version,
-                    self.deadlines,
-                    server_tls,
-                ),
-            )
+                )
+            if li.transparent:
+                from meshling.transparent.table import ChainTable
+
+                runtimes[0].transparent = ChainTable(
+                    [(c.match, r) for c, r in zip(li.filter_chains, runtimes, strict=True)]
+                )
+            chains[(li.address, li.port)] = (li, runtimes[0])
         return chains
+
+    def _chain_logs(self, snapshot: Snapshot, i: int, li: Listener, j: int = 0) -> ChainLogs | None:
+        """A chain's access log sinks, their writers shared with every other listener's
+        (a file that cannot be opened refuses the snapshot)."""
+        try:
+            return self.access_logs.chain(_access_logs(snapshot, li, j))
+        except OSError as exc:
+            own = not li.filter_chains[j].access_log
+            field = "access_log" if own else f"listeners[{i}].filter_chains[{j}].access_log"
+            raise SnapshotError(
+                self.config_path or "<snapshot>",
+                field,
+                f"cannot open {exc.filename or 'the access log'}: {exc.strerror}",
+            ) from None
+
+    def _tracing(self, snapshot: Snapshot) -> tuple[ProxyTracing | None, OtlpExport | None]:
+        """The snapshot's tracing and its exporter (the running one when it sends to the
+        same place as the same service and node); None (nothing imported) when off."""
+        config = snapshot.tracing
+        if config is None:
+            return None, None
+        from meshling.telemetry.otlp import OtlpExport
+        from meshling.tracing.recorder import ProxyTracing
+
+        export = self.trace_export
+        key = (config.endpoint, snapshot.service, snapshot.node)
+        if export is None or export.key != key:
+            export = OtlpExport(*key, self.metrics)
+        return ProxyTracing(config, export), export
+
+    def _retire_export(self, export: OtlpExport | None) -> None:
+        """Flush and stop an exporter no longer used, off the event loop (it may wait
+        for a slow collector)."""
+        if export is not None and export is not self.trace_export:
+            asyncio.get_running_loop().run_in_executor(None, export.close)
+
+    async def _bind_dns(self, snapshot: Snapshot) -> DnsServer | None:
+        """The DNS responder `snapshot` asks for: the running one if it listens at the
+        same address, else a new one, bound here; None (nothing imported) when off."""
+        config = snapshot.dns
+        if config is None:
+            return None
+        if self.dns is not None and self.dns.binds(config):
+            return self.dns
+        from meshling.dns.server import DnsServer
+
+        server = DnsServer(self.metrics)
+        try:
+            await server.start(config)
+        except OSError as exc:
+            raise SnapshotError(
+                self.config_path or "<snapshot>",
+                "dns.port",
+                f"cannot listen on {config.address}:{config.port}: {exc.strerror}",
+            ) from None
+        return server
 
     async def _apply(self, snapshot: Snapshot) -> None:
         """Switch to a snapshot, all or nothing."""
-        old_log = self.access_log
-        if snapshot.access_log is None:
-            access_log = None
-        elif old_log is not None and old_log.config == snapshot.access_log:
-            access_log = old_log
-        else:
-            access_log = AccessLogWriter(snapshot.access_log, self.metrics)
-        chains = self._chains(snapshot, access_log)
+        tracing, export = self._tracing(snapshot)
+        try:
+            chains = self._chains(snapshot, tracing)
+        except SnapshotError:
+            self._retire_export(export)
+            # writers opened for the refused snapshot go; the running one's stay
+            self.access_logs.retain(_backends(self.snapshot))
+            raise
         for key, runtime in list(self.listeners.items()):
             new = chains.get(key)
             if new is not None and chain_kind(new[1]) != runtime.kind:
@@ -183,28 +271,43 @@ class Proxy:
         except OSError as exc:
             for runtime in started:
                 runtime.stop_accepting()
-            if access_log is not None and access_log is not old_log:
-                access_log.close()
+            self.access_logs.retain(_backends(self.snapshot))
+            self._retire_export(export)
             raise SnapshotError(
                 self.config_path or "<snapshot>",
                 f"listeners[{runtime_index(snapshot, key)}]",
                 f"cannot listen on {key[0]}:{key[1]}: {exc.strerror}",
             ) from None
+        try:
+            dns = await self._bind_dns(snapshot)
+        except SnapshotError:
+            for runtime in started:
+                runtime.stop_accepting()
+            self.access_logs.retain(_backends(self.snapshot))
+            self._retire_export(export)
+            raise
         for runtime in started:
             self.listeners[(runtime.config.address, runtime.config.port)] = runtime
         for key, runtime in list(self.listeners.items()):
             # Keep-alive clients of the old chain reconnect after their next response,
             # so that every connection soon runs on the new snapshot.
             if key not in chains or runtime.chain is not chains[key][1]:
-                runtime.chain.retired = True
+                for chain in every_chain(runtime.chain):
+                    chain.retired = True
             if key in chains:
                 runtime.config, runtime.chain = chains[key]
             else:
                 runtime.stop_accepting()
                 del self.listeners[key]
-        if old_log is not None and old_log is not access_log:
-            old_log.close()
-        self.access_log = access_log
+        # writers of backends the new snapshot dropped write what they hold and close
+        self.access_logs.retain(_backends(snapshot))
+        old_export, self.trace_export = self.trace_export, export
+        self._retire_export(old_export)
+        if self.dns is not None and self.dns is not dns:
+            self.dns.close()
+        self.dns = dns
+        if dns is not None and snapshot.dns is not None:
+            dns.configure(snapshot.dns)
         self.snapshot = snapshot
         self.metrics.snapshot_version = snapshot.version
         self.metrics.service = snapshot.service
@@ -218,9 +321,10 @@ class Proxy:
         """Modification times of the config file and every TLS file the snapshot uses."""
         paths = [self.config_path] if self.config_path else []
         for li in snapshot.listeners:
-            tls = li.filter_chains[0].tls
-            if tls is not None:
-                paths += [tls.files.certificate, tls.files.key, tls.files.trust_bundle]
+            for chain in li.filter_chains:
+                tls = chain.tls
+                if tls is not None:
+                    paths += [tls.files.certificate, tls.files.key, tls.files.trust_bundle]
         for cluster in snapshot.clusters.values():
             if cluster.tls is not None:
                 files = cluster.tls.files
@@ -335,8 +439,9 @@ class Proxy:
         # 1. stop accepting; every response from now on says `Connection: close`
         for runtime in self.listeners.values():
             runtime.stop_accepting()
-            runtime.chain.draining = True
-            runtime.chain.retired = True
+            for chain in every_chain(runtime.chain):
+                chain.draining = True
+                chain.retired = True
         # 2. a busy keep-alive client leaves after its next response, between two
         #    requests; closing its connection now could cross a request on its way (the
         #    client would see the connection drop, unanswered). Give them a moment.
@@ -358,15 +463,35 @@ class Proxy:
         # 6. close pooled upstream connections and the rest
         self.pools.close_all()
         self.health.stop()
+        if self.dns is not None:
+            self.dns.close()
         self.deadlines.close()
         if self._ticker is not None:
             self._ticker.cancel()
-        if self.access_log is not None:
-            self.access_log.close()
+        self.access_logs.close()
+        if self.trace_export is not None:
+            # the spans of the last requests are exported before the process ends
+            await asyncio.get_running_loop().run_in_executor(None, self.trace_export.close)
         if self.admin is not None:
             self.admin.close()
         log.info("stopped")
         self.stopped.set()
+
+
+def _access_logs(snapshot: Snapshot, listener: Listener, j: int = 0) -> tuple[AccessLog, ...]:
+    """A listener's access log sinks: the snapshot's own, then its chain's (chain `j`)."""
+    own = (snapshot.access_log,) if snapshot.access_log is not None else ()
+    return own + listener.filter_chains[j].access_log
+
+
+def _backends(snapshot: Snapshot) -> set[AccessLogBackend]:
+    """Every access log backend a snapshot writes to."""
+    return {
+        s.backend
+        for li in snapshot.listeners
+        for j in range(len(li.filter_chains))
+        for s in _access_logs(snapshot, li, j)
+    }
 
 
 def runtime_index(snapshot: Snapshot, key: tuple[str, int]) -> int:

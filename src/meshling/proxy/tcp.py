@@ -50,6 +50,12 @@ class TcpDownstream(Side):
         self.chosen: Host | None = None
         # the cluster the connection goes to (picked once, on a weighted filter)
         self.cluster_name = ""
+        # for the access log: when it began, the caller, bytes each way, why it failed
+        self.started = time.monotonic()
+        self.identity: bytes | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: str | None = None
 
     # -- lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,6 +68,7 @@ class TcpDownstream(Side):
                 self.closed = True
                 self.transport.abort()
                 return
+        self.identity = identity
         if not self.chain.authorize(identity):
             # A denied caller's connection is closed before anything is forwarded.
             self.closed = True
@@ -97,6 +104,7 @@ class TcpDownstream(Side):
         cluster = self.chain.clusters[self.cluster_name]
         # A connection is a request to the circuit breaker: over max_requests, it is closed.
         if cluster.admit() is not None:
+            self.error = "circuit_breaker_max_requests"
             self.abort()
             return
         self.admitted = cluster
@@ -104,6 +112,7 @@ class TcpDownstream(Side):
         host = self.chosen = cluster.choose(None, peer[0].encode() if peer else b"")
         if host is None:
             cluster.stats.no_endpoint += 1
+            self.error = "no_endpoint"
             self.abort()
             return
         endpoint = host.endpoint
@@ -116,6 +125,7 @@ class TcpDownstream(Side):
             if exc.status != 503:  # a refusal by the proxy's own limits says nothing of it
                 latency = time.monotonic() - started
                 cluster.report(endpoint, 502, "upstream_connect_failure", latency)
+            self.error = "upstream_connect_failure" if exc.status != 503 else exc.reason
             self.abort()
             return
         finally:
@@ -159,6 +169,37 @@ class TcpDownstream(Side):
             self.connecting.cancel()
         if self.admitted is not None:
             self.admitted.finished(self.chosen, None, 0, None, 0.0)
+        if self.chain.access_log is not None:
+            self._log()
+
+    def _log(self) -> None:
+        """The connection's access log record (`telemetry.logformat`'s order)."""
+        chain = self.chain
+        duration = time.monotonic() - self.started
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        assert chain.access_log is not None
+        chain.access_log.log(
+            (
+                time.time() - duration,
+                duration,
+                chain.listener,
+                None,
+                self.cluster_name,
+                self.chosen.endpoint if self.chosen is not None else None,
+                (peer[0] if peer else "unknown").encode(),
+                None,
+                0,
+                self.bytes_in,
+                self.bytes_out,
+                self.error,
+                None,
+                self.identity,
+                chain.source_of(self.identity),
+                chain.direction,
+                chain.metrics.service,
+            ),
+            self.identity,
+        )
 
     # -- downstream -> upstream ------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -167,6 +208,7 @@ class TcpDownstream(Side):
         assert self.stats is not None
         self.stats.bytes_received += n
         self.chain.listener_stats.bytes_received += n
+        self.bytes_in += n
         if self.upstream is not None:
             self.upstream.write(data)
         else:
@@ -193,6 +235,7 @@ class TcpDownstream(Side):
         assert self.stats is not None
         self.stats.bytes_sent += n
         self.chain.listener_stats.bytes_sent += n
+        self.bytes_out += n
         if self.transport is not None:
             self.transport.write(data)
 
@@ -270,6 +313,7 @@ class TcpUpstream(Side):
         stats.cx_active -= 1
         if exc is not None:
             # A reset upstream resets downstream too, so the client sees the failure.
+            downstream.error = downstream.error or "upstream_reset"
             self.downstream.abort()
         elif not self.downstream.eof_out:
             self.downstream.write_eof()

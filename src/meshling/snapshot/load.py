@@ -18,6 +18,7 @@ from meshling.snapshot.model import (
     DETECT_TIMEOUT,
     AccessLog,
     Admin,
+    ChainMatch,
     Cluster,
     DirectResponse,
     DownstreamTls,
@@ -29,6 +30,8 @@ from meshling.snapshot.model import (
     HttpFilter,
     HttpLimits,
     Listener,
+    MeshDns,
+    MetricsSettings,
     PathMatch,
     ProtocolDetection,
     QueryMatch,
@@ -40,10 +43,12 @@ from meshling.snapshot.model import (
     Snapshot,
     TcpFilter,
     TlsFiles,
+    Tracing,
     UpstreamTls,
     VirtualHost,
     WeightedClusters,
 )
+from meshling.telemetry.logformat import DEFAULT_JSON_FIELDS
 
 T = TypeVar("T")
 
@@ -52,25 +57,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # '~' and '=' for the subset clusters of a service (`api~version=v2`)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:~=-]{0,127}$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-ACCESS_LOG_FIELDS = (
-    "start_time",
-    "duration_ms",
-    "listener",
-    "route",
-    "cluster",
-    "upstream",
-    "downstream",
-    "method",
-    "path",
-    "authority",
-    "protocol",
-    "status",
-    "bytes_received",
-    "bytes_sent",
-    "request_id",
-    "user_agent",
-    "error",
-)
+# the access log's JSON fields when a sink names none (`telemetry.logformat`)
+ACCESS_LOG_FIELDS = DEFAULT_JSON_FIELDS
 
 
 class SnapshotError(ValueError):
@@ -783,10 +771,21 @@ def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
             "authz",
             "rate_limit",
             "fault",
+            "access_log",
+            "match",
+            "passthrough",
         )
     )
-    detection = _detection(node)
-    if detection is None and node.has("http") == node.has("tcp"):
+    passthrough = node.get("passthrough", _bool, False)
+    if passthrough:
+        for key in ("http", "tcp", "tls", "protocol", "detect_timeout"):
+            if node.has(key):
+                raise node.child(key).error(
+                    "a passthrough chain forwards to the original destination as it is: "
+                    f"remove {key}"
+                )
+    detection = None if passthrough else _detection(node)
+    if not passthrough and detection is None and node.has("http") == node.has("tcp"):
         raise node.error("give exactly one of http, tcp (or both with protocol: auto)")
     authz = rate_limit = fault = None
     if node.has("authz"):
@@ -811,7 +810,26 @@ def _filter_chain(node: _Node, clusters: dict[str, Cluster]) -> FilterChain:
         tcp=node.get("tcp", lambda n: _tcp_filter(n, clusters), None),
         tls=node.get("tls", _downstream_tls, None),
         detection=detection,
+        access_log=node.get("access_log", _chain_access_logs, ()),
+        match=node.get("match", _chain_match, None),
+        passthrough=passthrough,
     )
+
+
+def _chain_match(node: _Node) -> ChainMatch:
+    """A transparent listener's chain selection: `{destinations: [ip or cidr], ports: []}`."""
+    # ipaddress only for snapshots that have one: the proxy's start stays lean
+    import ipaddress
+
+    node.mapping(("destinations", "ports"))
+    destinations = []
+    for item in node.items("destinations", required=False):
+        try:
+            destinations.append(ipaddress.ip_network(_str(item), strict=False))
+        except ValueError:
+            raise item.error(f"invalid address or CIDR {item.value!r}") from None
+    ports = frozenset(_int(1, 65535)(p) for p in node.items("ports", required=False))
+    return ChainMatch(destinations=tuple(destinations), ports=ports)
 
 
 def _detection(node: _Node) -> ProtocolDetection | None:
@@ -841,9 +859,19 @@ def _detection(node: _Node) -> ProtocolDetection | None:
 
 
 def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:
-    node.mapping(("name", "address", "port", "filter_chains", "direction"))
+    node.mapping(("name", "address", "port", "filter_chains", "direction", "transparent"))
     chains = tuple(_filter_chain(c, clusters) for c in node.items("filter_chains"))
-    if len(chains) != 1:
+    transparent = node.get("transparent", _bool, False)
+    if transparent:
+        _transparent_chains(node, chains)
+    elif any(c.match is not None or c.passthrough for c in chains):
+        i = next(i for i, c in enumerate(chains) if c.match is not None or c.passthrough)
+        raise (
+            node.child("filter_chains")
+            .child(i)
+            .error("match and passthrough need a listener with transparent: true")
+        )
+    elif len(chains) != 1:
         # Several chains need match criteria (SNI, transport protocol), which arrive with TLS.
         raise node.child("filter_chains").error("exactly one filter chain is supported")
     return Listener(
@@ -852,7 +880,23 @@ def _listener(node: _Node, clusters: dict[str, Cluster]) -> Listener:
         port=node.need("port", _port),
         filter_chains=chains,
         direction=node.get("direction", _choice("inbound", "outbound"), None),  # type: ignore[arg-type]
+        transparent=transparent,
     )
+
+
+def _transparent_chains(node: _Node, chains: tuple[FilterChain, ...]) -> None:
+    """A transparent listener's chains are tried in order: each needs a name of its own,
+    and nothing may follow a chain that takes every destination."""
+    if not chains:
+        raise node.child("filter_chains").error("a transparent listener needs a chain")
+    _unique(node, "filter_chains", [c.name for c in chains])
+    for i, chain in enumerate(chains[:-1]):
+        if chain.match is None or chain.match == ChainMatch():
+            raise (
+                node.child("filter_chains")
+                .child(i + 1)
+                .error(f"unreachable: chain {chain.name!r} before it takes every destination")
+            )
 
 
 def _admin(node: _Node) -> Admin:
@@ -865,20 +909,19 @@ def _admin(node: _Node) -> Admin:
 
 
 def _access_log(node: _Node) -> AccessLog:
-    node.mapping(("path", "format", "fields"))
-    fields = []
-    for f in node.items("fields", required=False):
-        name = _str(f)
-        if name not in ACCESS_LOG_FIELDS:
-            raise f.error(
-                f"unknown access log field {name!r} (known: {', '.join(ACCESS_LOG_FIELDS)})"
-            )
-        fields.append(name)
-    return AccessLog(
-        path=node.need("path", _str),
-        format=node.get("format", _choice("json"), "json"),  # type: ignore[arg-type]
-        fields=tuple(fields) or ACCESS_LOG_FIELDS,
-    )
+    """The snapshot's own access log (`path:` a file or "-", or any sink's backend)."""
+    from meshling.policies.access_log.snapshot import parse_sink
+
+    return parse_sink(node, legacy=True)
+
+
+def _chain_access_logs(node: _Node) -> tuple[AccessLog, ...]:
+    """A filter chain's access log sinks (the AccessLog policy's fragment)."""
+    from meshling.policies.access_log.snapshot import parse_sink
+
+    if not isinstance(node.value, list):
+        raise node.error(f"expected a list of sinks, got {_kind(node.value)}")
+    return tuple(parse_sink(node.child(i), chain=True) for i in range(len(node.value)))
 
 
 def _unique(node: _Node, key: str, names: list[str]) -> None:
@@ -902,6 +945,9 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
             "admin",
             "access_log",
             "drain_timeout",
+            "tracing",
+            "metrics",
+            "dns",
         )
     )
     version = root.need(
@@ -931,6 +977,9 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
                 .error(f"{li.address}:{li.port} is the admin listener's address")
             )
         binds[key] = li.name
+    dns = root.get("dns", _dns, None)
+    if dns is not None:
+        _check_dns_port(root, dns.address, dns.port, binds, admin)
     return Snapshot(
         version=version,
         listeners=listeners,
@@ -941,7 +990,45 @@ def from_dict(document: Any, source: str = "<snapshot>") -> Snapshot:
         node=root.get("node", _name, "meshling"),
         service=root.get("service", _name, ""),
         zone=root.get("zone", _name, None),
+        tracing=root.get("tracing", _tracing, None),
+        metrics=root.get("metrics", _metrics, MetricsSettings()),
+        dns=dns,
     )
+
+
+def _dns(node: _Node) -> MeshDns:
+    # the parsers live with the DNS code, which only a snapshot with DNS loads
+    from meshling.dns.config import parse_dns
+
+    return parse_dns(node)
+
+
+def _check_dns_port(
+    root: _Node, address: str, port: int, binds: dict[tuple[str, int], str], admin: Admin
+) -> None:
+    """The DNS responder's TCP socket may not take a listener's or the admin's port."""
+    if not port:
+        return
+    for bound, name in [*binds.items(), ((admin.address, admin.port), "admin")]:
+        wildcard = "0.0.0.0" in (bound[0], address) or "::" in (bound[0], address)
+        if bound[1] == port and (bound[0] == address or wildcard):
+            raise (
+                root.child("dns")
+                .child("port")
+                .error(f"{address}:{port} is already used by listener {name!r}")
+            )
+
+
+def _tracing(node: _Node) -> Tracing:
+    # the parsers live with the tracing code, which only a snapshot with tracing loads
+    from meshling.tracing.config import parse_tracing
+
+    return parse_tracing(node)
+
+
+def _metrics(node: _Node) -> MetricsSettings:
+    node.mapping(("enabled",))
+    return MetricsSettings(enabled=node.get("enabled", _bool, True))
 
 
 def parse_text(text: str, source: str) -> Any:

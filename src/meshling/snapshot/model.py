@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from ipaddress import IPv4Network, IPv6Network
+
     from meshling.policies.circuit_breaker.snapshot import CircuitBreakerConfig
     from meshling.policies.fault_injection.snapshot import FaultConfig
     from meshling.policies.health_check.snapshot import HealthCheckConfig
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from meshling.policies.retry.snapshot import RetryPolicy
     from meshling.policies.timeout.snapshot import Timeouts
     from meshling.policies.traffic_permission.snapshot import AuthzConfig
+    from meshling.tracing.span import TraceTag
 
 PathMatchKind = Literal["exact", "prefix", "regex"]
 HeaderMatchKind = Literal["exact", "prefix", "regex", "present"]
@@ -348,6 +351,17 @@ class ProtocolDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainMatch:
+    """Which connections of a transparent listener a chain takes, by their original
+    destination (the address the app connected to before the capture redirected it)."""
+
+    # addresses and networks (ipaddress objects); empty: any destination
+    destinations: tuple[IPv4Network | IPv6Network, ...] = ()
+    # destination ports; empty: any port
+    ports: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class FilterChain:
     name: str
     http: HttpFilter | None = None
@@ -361,6 +375,13 @@ class FilterChain:
     fault: FaultConfig | None = None
     # `protocol: auto` (both `http` and `tcp` given); None: the one filter given decides
     detection: ProtocolDetection | None = None
+    # the chain's access logs (AccessLog), besides the snapshot's own
+    access_log: tuple[AccessLog, ...] = ()
+    # on a transparent listener: the original destinations it takes; None: all of them
+    match: ChainMatch | None = None
+    # on a transparent listener: forward the bytes to the original destination itself,
+    # outside the mesh (no http or tcp filter)
+    passthrough: bool = False
 
     @property
     def protocol(self) -> ChainProtocol:
@@ -378,6 +399,9 @@ class Listener:
     # which way its traffic goes, for the golden metrics: into the proxy's service
     # (callers' requests) or out of it (the service's calls); None: neither is known
     direction: Direction | None = None
+    # connections redirected to it by capture rules: each takes the first chain whose
+    # `match` holds its original destination (`meshling.transparent`); none: refused
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,12 +412,94 @@ class Admin:
     token: str | None = None
 
 
+AccessLogFormat = Literal["json", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogBackend:
+    """Where access log records go: the proxy's stdout, a file (reopened when rotated
+    away), or a TCP collector (newline-delimited records, reconnected with backoff).
+    Sinks with equal backends share one writer, across listeners and reloads."""
+
+    kind: Literal["stdout", "file", "tcp"]
+    # the file's path (kind "file")
+    path: str = ""
+    # the collector's host and port (kind "tcp")
+    host: str = ""
+    port: int = 0
+    # records held at most (between flushes, or while a collector is down); more are
+    # dropped and counted, never queued without bound
+    max_pending: int = 16384
+
+    @property
+    def label(self) -> str:
+        """The backend as the drops metric names it: `stdout`, `file:<path>`, `tcp:<h:p>`."""
+        if self.kind == "file":
+            return f"file:{self.path}"
+        if self.kind == "tcp":
+            return f"tcp:{self.host}:{self.port}"
+        return "stdout"
+
+
 @dataclass(frozen=True, slots=True)
 class AccessLog:
-    # "-" for stdout, otherwise a file path (reopened when rotated away)
-    path: str
-    format: Literal["json"] = "json"
-    fields: tuple[str, ...] = ()
+    """One access log sink: a format and a backend (`meshling.telemetry.logformat`).
+
+    The snapshot's own `access_log:` logs every listener; a filter chain's list (the
+    AccessLog policy's fragment) logs that chain's traffic, on an inbound chain only the
+    callers it names."""
+
+    backend: AccessLogBackend
+    format: AccessLogFormat = "json"
+    # json: (key, template) pairs in order, the template None for a named field
+    fields: tuple[tuple[str, str | None], ...] = ()
+    # text: the template; None for the default one
+    template: str | None = None
+    # on an inbound chain, the callers logged (SPIFFE IDs); "*": every caller
+    identities: tuple[str, ...] = ("*",)
+    # the AccessLog policy it comes from; "" for a snapshot's own
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """Distributed tracing (`tracing:`, a Trace policy's fragment): one span per request
+    through the proxy, exported over OTLP/HTTP; see `meshling.tracing`."""
+
+    # the collector's OTLP/HTTP traces URL (http://host:4318/v1/traces)
+    endpoint: str
+    # the share of new traces kept, 0 to 100; a caller's own decision is honoured
+    sampling: float = 100.0
+    # formats written besides W3C Trace Context (always): "b3" (single), "b3multi"
+    propagation: tuple[str, ...] = ("w3c",)
+    # custom span attributes (a literal, or a request header's value)
+    tags: tuple[TraceTag, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """`metrics:`: whether requests are counted in the golden metrics (per-route
+    requests and latency); the proxy's own counters are always kept."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MeshDns:
+    """`dns:`: the proxy's DNS responder (`meshling.dns`), on UDP and TCP at
+    (address, port): `<service>.<domain>` names resolve to the services' virtual IPs,
+    other names are relayed upstream."""
+
+    address: str = "127.0.0.1"
+    port: int = 15053
+    # the mesh's domain, lower case, without dots at either end
+    domain: str = "mesh"
+    # seconds clients may cache an answer
+    ttl: int = 30
+    # where other names go, (address, port) in order; empty: /etc/resolv.conf's
+    upstream: tuple[tuple[str, int], ...] = ()
+    # service -> virtual IP (IPv4)
+    names: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,3 +518,8 @@ class Snapshot:
     # the locality the proxy runs in: endpoints of this zone are preferred where a
     # cluster's load balancing says so
     zone: str | None = None
+    # distributed tracing; None: off (the tracing code is not even imported)
+    tracing: Tracing | None = None
+    metrics: MetricsSettings = MetricsSettings()
+    # the DNS responder; None: off (the DNS code is not even imported)
+    dns: MeshDns | None = None

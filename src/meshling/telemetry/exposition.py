@@ -82,16 +82,9 @@ class _Collector(Collector):
             labels=["listener", "route", "cluster", "grpc_status"],
         )
         by_route: dict[tuple[str, str, str], HttpStats] = {}
-        golden: dict[tuple[str, str, str, str], HttpStats] = {}
-        for (listener, route, cluster, source), s in list(m.http.items()):
+        for (listener, route, cluster, _source), s in list(m.http.items()):
             _sum(by_route, (listener, route, cluster), s)
-            direction = m.directions.get(listener)
-            if direction == "inbound":
-                _sum(golden, (direction, source or "unknown", m.service or "unknown", route), s)
-            elif direction == "outbound":
-                # a subset's cluster (`api~version=v2`) is its service's
-                destination = cluster.split("~", 1)[0]
-                _sum(golden, (direction, m.service or "unknown", destination, route), s)
+        golden = m.golden()
         for route_labels, s in by_route.items():
             _add_http(requests, duration, grpc, list(route_labels), s)
         yield requests
@@ -407,11 +400,35 @@ class _Collector(Collector):
         )
         info.add_metric([m.snapshot_version], 1)
         yield info
-        yield CounterMetricFamily(
+        dropped = CounterMetricFamily(
             "meshling_access_log_dropped",
-            "Access log entries dropped because the writer fell behind.",
-            value=m.access_log_dropped,
+            "Access log records dropped because a backend fell behind (or is down), by "
+            "backend (stdout, file:<path>, tcp:<host>:<port>).",
+            labels=["backend"],
         )
+        for backend, count in sorted(m.access_log_dropped.items()):
+            dropped.add_metric([backend], count)
+        yield dropped
+        spans = CounterMetricFamily(
+            "meshling_trace_spans",
+            "Trace spans of sampled requests, by what became of them: exported, failed "
+            "(the collector refused them or was unreachable), dropped (the queue was full).",
+            labels=["outcome"],
+        )
+        for outcome, n in list(m.trace_spans.items()):
+            spans.add_metric([outcome], n)
+        yield spans
+        if m.dns_queries is not None:
+            dns = CounterMetricFamily(
+                "meshling_dns_queries",
+                "Queries to the proxy's DNS responder, by result: mesh (answered from the "
+                "mesh's names), nxdomain (an unknown name of the mesh), forwarded (relayed "
+                "from upstream), error (malformed, not served, or no upstream answered).",
+                labels=["result"],
+            )
+            for result, n in list(m.dns_queries.items()):
+                dns.add_metric([result], n)
+            yield dns
 
         cp = m.control_plane
         if cp is None:

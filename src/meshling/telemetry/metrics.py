@@ -318,9 +318,19 @@ class Metrics:
         self.mirror: dict[str, MirrorStats] = {}
         self.reloads: dict[str, int] = {"ok": 0, "rejected": 0}
         self.snapshot_version = ""
-        self.access_log_dropped = 0
+        # access log records dropped, by backend (`AccessLogBackend.label`)
+        self.access_log_dropped: dict[str, int] = {}
+        # spans by outcome (telemetry.otlp): exported, failed (the collector refused or
+        # was unreachable), dropped (the export queue was full); written by its thread
+        self.trace_spans: dict[str, int] = {"exported": 0, "failed": 0, "dropped": 0}
         # only with a control plane (`meshling proxy run --cp`)
         self.control_plane: ControlPlaneStats | None = None
+        # DNS queries by result (mesh, forwarded, nxdomain, error); None while the
+        # snapshot has no DNS responder (`meshling.dns.server`)
+        self.dns_queries: dict[str, int] | None = None
+        # the active taps (`meshling.proxy.tap.Taps`), None while there is none: the
+        # request path checks this one attribute and does nothing more
+        self.tap: Any = None
         # prometheus_client is imported at the first scrape, not at start-up: it is
         # the largest import of the proxy, and an unscraped proxy does not need it.
         self._registry: Any = None
@@ -394,6 +404,29 @@ class Metrics:
         if stats is None:
             stats = self.detection[listener] = DetectionStats()
         return stats
+
+    def golden(self) -> dict[tuple[str, str, str, str], HttpStats]:
+        """The golden metrics: requests summed by (direction, source service, destination
+        service, route). Inbound listeners count callers of this proxy's service (by their
+        verified identity, "unknown" for plaintext ones); outbound listeners count this
+        service's calls, by the service of the cluster picked. Listeners without a
+        direction are left out."""
+        golden: dict[tuple[str, str, str, str], HttpStats] = {}
+        own = self.service or "unknown"
+        for (listener, route, cluster, source), s in list(self.http.items()):
+            direction = self.directions.get(listener)
+            if direction == "inbound":
+                key = (direction, source or "unknown", own, route)
+            elif direction == "outbound":
+                # a subset's cluster (`api~version=v2`) is its service's
+                key = (direction, own, cluster.split("~", 1)[0], route)
+            else:
+                continue
+            total = golden.get(key)
+            if total is None:
+                total = golden[key] = HttpStats()
+            total.add(s)
+        return golden
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every counter."""

@@ -8,12 +8,16 @@ Routes (all under an admin bearer token except `GET /healthz`):
 - `PUT    /api/v1/{kind}/{mesh}/{name}`    replace one; the body carries `metadata.version`
 - `DELETE /api/v1/{kind}/{mesh}/{name}`    remove one; `?version=N` to delete only that state
 - `GET    /openapi.json`                   the OpenAPI 3 document of all this
+- `GET    /gui/`                           the web GUI's static files (no token; `/`
+                                           redirects there), and which dataplanes each
+                                           policy selects, for it (`api.gui`)
 
 Given a token signer, also the dataplane-token routes, and given a CA as well, the CA
 routes (`meshling.controlplane.api.ca`): `/api/v1/ca/sign` takes a dataplane token
 instead of the admin token, and `/api/v1/ca/bundle` is open. Given a distributor as well,
 the config stream (`WebSocket /api/v1/stream`, dataplane token; `distributor.stream`) and
-the dataplane status routes (`/api/v1/status/dataplanes...`, admin token; `status`).
+the dataplane status routes (`/api/v1/status/dataplanes...`, admin token; `status`), and
+live golden metrics and taps (`/api/v1/stats`, `/api/v1/tap`, admin token; `telemetry`).
 
 `{kind}` is a resource kind (`Dataplane`, `TrafficPermission`, ...), matched without regard
 to case. A Mesh is global: it is stored, and addressed, with its own name as its mesh
@@ -248,7 +252,21 @@ def create_app(
 
         extra.append(WebSocketRoute(STREAM_PATH, stream_endpoint(store, signer, distributor, now)))
         extra += status_routes(store, distributor, distributor.offline_after, now)
+        from meshling.controlplane.api.telemetry import telemetry_routes
+
+        extra += telemetry_routes(store, distributor, distributor.offline_after, now)
         stream_paths.add(STREAM_PATH)
+    # why a request goes where it goes, from the store alone (admin token; `explain`)
+    from meshling.controlplane.api.explain import explain_routes
+
+    extra += explain_routes(store)
+    # the web GUI: its API routes (admin token), and its static files (no token)
+    from meshling.controlplane.api.gui import gui_api_routes
+    from meshling.controlplane.gui import gui
+
+    web_gui = gui()
+    extra += [*gui_api_routes(store), *web_gui.routes]
+    open_paths |= web_gui.open_paths
 
     routes = [
         *extra,

@@ -216,6 +216,63 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                     },
                 }
             },
+            **_telemetry_paths(unauthorized),
+            **_explain_paths(unauthorized),
+            "/api/v1/policies/dataplanes": {
+                "get": {
+                    "summary": "Every policy (all kinds) with the dataplanes it selects.",
+                    "parameters": [
+                        {
+                            "name": "mesh",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "{items: [PolicySelection]}, policies in apply "
+                            "order, then by name.",
+                            "content": {
+                                _JSON: {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "items": {
+                                                "type": "array",
+                                                "items": _ref("PolicySelection"),
+                                            }
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "401": unauthorized,
+                    },
+                }
+            },
+            "/api/v1/policies/{kind}/{mesh}/{name}/dataplanes": {
+                "get": {
+                    "summary": "The dataplanes one policy selects, by its kind's selector.",
+                    "parameters": one,
+                    "responses": {
+                        "200": {
+                            "description": "The selection.",
+                            "content": {_JSON: {"schema": _ref("PolicySelection")}},
+                        },
+                        "400": _error("The kind is not a policy kind."),
+                        "401": unauthorized,
+                        "404": _error("No such policy."),
+                    },
+                }
+            },
+            "/gui/": {
+                "get": {
+                    "summary": "The web GUI (static files; needs no token). / redirects here.",
+                    "security": [],
+                    "responses": {"200": {"description": "The GUI's HTML page."}},
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document.",
@@ -399,6 +456,33 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                         },
                     },
                 },
+                "PolicySelection": {
+                    "type": "object",
+                    "properties": {
+                        "kind": {"type": "string"},
+                        "mesh": {"type": "string"},
+                        "name": {"type": "string"},
+                        "version": {"type": "integer"},
+                        "field": {
+                            "type": "string",
+                            "description": "The selector's field path in the policy.",
+                        },
+                        "wanted": {
+                            "type": "string",
+                            "description": "What the selector asks for, for a person.",
+                        },
+                        "dataplanes": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "The names of the selected dataplanes, sorted.",
+                        },
+                        "error": {
+                            "type": "string",
+                            "description": "Why a stored policy no longer parses (it then "
+                            "selects nothing).",
+                        },
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -411,5 +495,181 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
                     },
                 },
             },
+        },
+    }
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _explain_paths(unauthorized: dict[str, Any]) -> dict[str, Any]:
+    """`GET /api/v1/explain` (meshling.controlplane.api.explain)."""
+    text = {"type": "string"}
+    return {
+        "/api/v1/explain": {
+            "get": {
+                "summary": "Why a request from one service to another takes its route, is "
+                "admitted or denied, and which policies apply on the way.",
+                "parameters": [
+                    _query("mesh", text, "the mesh (default: default)"),
+                    {
+                        **_query("source", text, "the calling service, or a dataplane's name"),
+                        "required": True,
+                    },
+                    {**_query("destination", text, "the called service"), "required": True},
+                    _query("dataplane", text, "only this dataplane of the source service"),
+                    _query("method", text, "the request's method (default GET)"),
+                    _query("path", text, "the request's path and query (default /)"),
+                    _query("header", text, "a request header, name=value; repeatable"),
+                    _query("port", {"type": "integer"}, "the destination's inbound port"),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "{mesh, mtls, source: {service, identity}, destination, "
+                        "request, sources: [{dataplanes, tags, outbound, route: {matched, "
+                        "tried}, route_policies, policies}], destinations: [{dataplanes, tags, "
+                        "inbound, permission: {allowed, rule, reason, rules}, policies}], "
+                        "other_policies, allowed, verdict}; each policy entry has kind, name, "
+                        "status (applies, shadowed, not selected), selected_by, specificity, "
+                        "shadowed_by and reason.",
+                        "content": {_JSON: {"schema": {"type": "object"}}},
+                    },
+                    "400": _error("A missing or bad parameter, or an unknown service."),
+                    "401": unauthorized,
+                    "404": _error("No such mesh."),
+                },
+            }
+        }
+    }
+
+
+def _telemetry_paths(unauthorized: dict[str, Any]) -> dict[str, Any]:
+    """`GET /api/v1/stats` and `GET /api/v1/tap` (meshling.controlplane.api.telemetry)."""
+    number = {"type": ["number", "null"]}
+    rates = {
+        "requests": {"type": "integer"},
+        "rps": {"type": "number"},
+        "success_rate": {**number, "description": "non-5xx over all; null without requests"},
+        "p50_ms": number,
+        "p95_ms": number,
+        "p99_ms": number,
+    }
+    mesh = _query("mesh", {"type": "string", "default": "default"}, "the mesh")
+    service = _query("service", {"type": "string"}, "only this service")
+    return {
+        "/api/v1/stats": {
+            "get": {
+                "summary": "Golden metrics over the last `window` seconds, from the inbound "
+                "counters of this replica's proxies.",
+                "parameters": [
+                    mesh,
+                    _query(
+                        "window",
+                        {"type": "number", "minimum": 1, "maximum": 900, "default": 60},
+                        "seconds",
+                    ),
+                    service,
+                    _query("by", {"enum": ["service", "route"]}, "what the caller shows"),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "{mesh, window, generated, services, routes, edges}",
+                        "content": {
+                            _JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "mesh": {"type": "string"},
+                                        "window": {"type": "number"},
+                                        "generated": {"type": "string", "format": "date-time"},
+                                        "services": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "service": {"type": "string"},
+                                                    "dataplanes": {"type": "integer"},
+                                                    "online": {"type": "integer"},
+                                                    **rates,
+                                                },
+                                            },
+                                        },
+                                        "routes": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "service": {"type": "string"},
+                                                    "route": {"type": "string"},
+                                                    **rates,
+                                                },
+                                            },
+                                        },
+                                        "edges": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "source": {"type": "string"},
+                                                    "destination": {"type": "string"},
+                                                    "requests": {"type": "integer"},
+                                                    "rps": {"type": "number"},
+                                                    "success_rate": number,
+                                                    "p99_ms": number,
+                                                },
+                                            },
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "400": _error("A bad window or by."),
+                    "401": unauthorized,
+                },
+            }
+        },
+        "/api/v1/tap": {
+            "get": {
+                "summary": "The requests to a service as they end, one JSON object a line.",
+                "parameters": [
+                    mesh,
+                    {**service, "required": True, "description": "the service tapped"},
+                    _query("direction", {"enum": ["inbound", "outbound"]}, "default: both"),
+                    _query("method", {"type": "string"}, "only this method"),
+                    _query("path", {"type": "string"}, "only paths with this prefix"),
+                    _query("status", {"type": "string"}, "a class (5xx) or a code (503)"),
+                    _query(
+                        "sample",
+                        {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+                        "percent of the matching requests (default 100)",
+                    ),
+                    _query("max", {"type": "integer", "minimum": 1}, "events (default 100)"),
+                    _query(
+                        "duration",
+                        {"type": "number", "minimum": 1, "maximum": 3600},
+                        "seconds (default 30)",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Events {time, dataplane, direction, source, "
+                        "destination, method, authority, path, status, duration_ms, route, "
+                        "cluster, upstream, request_id, grpc_status}, then a last line "
+                        "{end: duration|max, events, dropped}.",
+                        "content": {"application/x-ndjson": {"schema": {"type": "object"}}},
+                    },
+                    "400": _error("A bad filter or limit."),
+                    "401": unauthorized,
+                    "404": _error("No dataplane of that service."),
+                },
+            }
         },
     }

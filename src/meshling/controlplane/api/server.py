@@ -33,6 +33,7 @@ from meshling.controlplane.distributor.stream import PER_MESSAGE_DEFLATE
 from meshling.controlplane.resources import MESH_KIND
 from meshling.controlplane.status import DEFAULT_OFFLINE_AFTER, StatusWriter
 from meshling.controlplane.store import AlreadyExists, Store, StoreError, open_store
+from meshling.controlplane.telemetry import DEFAULT_STATS_INTERVAL
 from meshling.controlplane.trust import Authorities, TrustError, load_or_create_signer
 
 
@@ -89,6 +90,7 @@ def run(
     offline_after: float = DEFAULT_OFFLINE_AFTER,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    stats_interval: float = DEFAULT_STATS_INTERVAL,
 ) -> int:
     """Serve the control plane on `host:port` over the store at `store_url` until SIGTERM
     or SIGINT.
@@ -126,7 +128,13 @@ def run(
             )
             return 1
     options = _Options(
-        default_mesh, mesh_mtls, replica or replica_id(), offline_after, tls_cert, tls_key
+        default_mesh,
+        mesh_mtls,
+        replica or replica_id(),
+        offline_after,
+        tls_cert,
+        tls_key,
+        stats_interval,
     )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(store_url, host, port, token, options))
@@ -140,6 +148,8 @@ class _Options:
     offline_after: float
     tls_cert: str | None = None
     tls_key: str | None = None
+    # how often proxies send their golden counters (`meshling stat`)
+    stats_interval: float = DEFAULT_STATS_INTERVAL
 
 
 async def ensure_mesh(store: Store, name: str, mtls: str) -> bool:
@@ -173,6 +183,7 @@ async def _serve(store_url: str, host: str, port: int, token: str, options: _Opt
                 StatusWriter(store),
                 replica=options.replica,
                 offline_after=options.offline_after,
+                stats_interval=options.stats_interval,
             )
             await distributor.start()
             # What start-up loaded (modules, the resources' view) stays for the process's

@@ -9,17 +9,20 @@ What a snapshot reads, and so what touches it:
   mesh with an outbound to its service; and, since its service and tags are what tag
   sources are resolved from, the inbound `authz` of the destinations of every permission
   of its mesh with a tag source that can select its service (one naming that service,
-  or none). Which traffic policies govern its outbounds and its inbound chains depends
-  on its own service and tags only (a destination is a service, a caller of an inbound
-  policy is known by its service), so those are in its own snapshot, already touched;
+  or none); and, when it is its service's only dataplane (the service appears or goes),
+  the names of every dataplane of the mesh with a DNS responder; and every transparent
+  dataplane of the mesh (it has a cluster for every service). Which traffic policies govern its outbounds and its inbound
+  chains depends on its own service and tags only (a destination is a service, a caller
+  of an inbound policy is known by its service), so those are in its own snapshot,
+  already touched;
 * **TrafficPermission**: the `authz` of the inbounds of its destination service —
   the dataplanes of that service, or of every service for `*`;
 * a **traffic policy** (every other registered kind): the dataplanes it acts in, as
   the kind's own `selects` names them — the callers of an outbound policy (a source
   selector's dataplanes with an outbound to a destination), the destinations of an
-  inbound one. A resource that does not govern a dataplane it selects (a more specific
-  one does) may start to, when that one goes: so selection, not governance, is what
-  counts.
+  inbound one, and every transparent dataplane of its mesh (which calls every service).
+  A resource that does not govern a dataplane it selects (a more specific one does) may
+  start to, when that one goes: so selection, not governance, is what counts.
 
 A change can move a resource (a dataplane to another service or address, a permission
 to another destination) or delete it, and then its old place is touched as well as its
@@ -67,8 +70,20 @@ def affected(
             touched |= {
                 d.name
                 for d in dataplanes
-                if d.mesh == changed.mesh and any(o.service == changed.service for o in d.outbounds)
+                if d.mesh == changed.mesh
+                and (
+                    any(o.service == changed.service for o in d.outbounds)
+                    # transparent capture: a chain and a cluster for every service
+                    or d.transparent is not None
+                )
             }
+            # A new service, or the last dataplane of one gone, changes the names of
+            # every DNS responder of the mesh.
+            if not any(
+                d.mesh == changed.mesh and d.service == changed.service and d.name != change_name
+                for d in dataplanes
+            ):
+                touched |= {d.name for d in dataplanes if d.mesh == changed.mesh and d.dns}
             # Any change of a service's set of dataplanes or of their tags can flip a tag
             # source (a new untagged instance un-selects its service from an allow).
             destinations = {
@@ -102,12 +117,17 @@ def affected(
         resources = [p for p in policies if p.name == change_name and policy_of(p) is kind]
         if not resources:
             return {d.name for d in dataplanes}
-        return {
+        touched = {
             name
             for resource in resources
             for name in kind.selects(
                 resource, [d for d in dataplanes if d.mesh == resource.mesh]
             ).dataplanes
+        }
+        # a transparent dataplane calls every service of its mesh, outbounds or not
+        meshes = {resource.mesh for resource in resources}
+        return touched | {
+            d.name for d in dataplanes if d.mesh in meshes and d.transparent is not None
         }
     raise ValueError(f"the snapshot builder reads no resources of kind {change_kind!r}")
 

@@ -132,6 +132,7 @@ class MeshIndex:
         "_outbound",
         "_permissions",
         "_traffic",
+        "_virtual_ips",
         "mesh",
     )
 
@@ -168,6 +169,16 @@ class MeshIndex:
         self._fragments: dict[tuple[str, str], dict[str, Any]] = {}
         self._outbound: dict[tuple[str, Tags, str], OutboundPolicies] = {}
         self._inbound: dict[tuple[str, Tags], dict[str, Any]] = {}
+        self._virtual_ips: dict[str, str] | None = None
+
+    def virtual_ips(self) -> Mapping[str, str]:
+        """Every service of the mesh (one with a dataplane) and its virtual IP, by name:
+        what `<service>.mesh` resolves to, and what transparent capture routes by."""
+        if self._virtual_ips is None:
+            from meshling.dns.vip import allocate
+
+            self._virtual_ips = allocate(self._by_service, self.mesh.name)
+        return self._virtual_ips
 
     def speaks_http(self, service: str) -> bool:
         """Does every inbound of `service` take HTTP (so that its proxies can turn HTTP/2
@@ -280,7 +291,7 @@ class MeshIndex:
             for kind, resources in self._traffic:
                 if kind.attach != "chain" or kind.fragment is None:
                     continue
-                selecting = [r for r in resources if any(s.matches(*here) for s in r.destinations)]
+                selecting = inbound_candidates(resources, here)
                 if selecting:
                     found[kind.key] = kind.fragment(selecting, self.mesh.name, dataplane=here)
             self._inbound[key] = found
@@ -293,12 +304,14 @@ class MeshIndex:
         (a destination selects a whole service: no tags)."""
         found = self._candidates.get((kind.kind, service))
         if found is None:
-            found = self._candidates[(kind.kind, service)] = [
-                r
-                for r in resources
-                if any(d.service in (ANY, service) and not d.tags for d in r.destinations)
-            ]
+            found = self._candidates[(kind.kind, service)] = outbound_candidates(resources, service)
         return found
+
+    @property
+    def traffic(self) -> Sequence[tuple[PolicyType[Any, Any], Sequence[Any]]]:
+        """The traffic policies of the mesh (every kind with a `fragment`), by kind, in
+        the registry's order: what `outbound` and `inbound` choose from."""
+        return self._traffic
 
     def _fragment(self, kind: PolicyType[Any, Any], resource: Any) -> dict[str, Any]:
         found = self._fragments.get((kind.kind, resource.name))
@@ -327,6 +340,25 @@ class MeshIndex:
         self, service: str, instances: Mapping[str, Sequence[Mapping[str, str]]]
     ) -> AuthzConfig:
         return traffic_permission.to_snapshot(self._permissions, service, self.mesh.name, instances)
+
+
+def outbound_candidates(resources: Iterable[Any], service: str) -> list[Any]:
+    """The resources of an outbound kind that can select calls to `service`: a
+    destination selector naming it (or `"*"`) without tags, since a cluster holds every
+    instance of the service; one with tags selects no outbound."""
+    return [
+        r
+        for r in resources
+        if any(d.service in (ANY, service) and not d.tags for d in r.destinations)
+    ]
+
+
+def inbound_candidates(
+    resources: Iterable[Any], dataplane: tuple[str, Mapping[str, str]]
+) -> list[Any]:
+    """The resources of an inbound (chain) kind selecting a dataplane ((service, tags))
+    by one of their destination selectors."""
+    return [r for r in resources if any(s.matches(*dataplane) for s in r.destinations)]
 
 
 def _endpoint_document(endpoint: Endpoint, zones: bool) -> dict[str, Any]:

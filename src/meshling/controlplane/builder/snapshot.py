@@ -17,7 +17,14 @@ What a dataplane becomes:
   (address, port) of every *other* dataplane of that service in the mesh. With mTLS on,
   the cluster originates mTLS and requires `spiffe://<mesh>/<service>`;
 * the **admin** listener on `127.0.0.1` at the dataplane's admin port (no token: the
-  drain endpoint stays refused, SIGTERM drains).
+  drain endpoint stays refused, SIGTERM drains);
+* with `dns:` on the dataplane, the **DNS responder** (`dns:` at the top) on `127.0.0.1`
+  at its port, naming every service of the mesh (one with a dataplane) at its virtual
+  IP (`MeshIndex.virtual_ips`, from `meshling.dns.vip`);
+* with `transparent:` on the dataplane, the listeners that captured traffic reaches
+  (`_transparent`): `outbound:transparent`, a chain per service of the mesh matching its
+  virtual IP (as an outbound to it would be) and a passthrough chain for the rest, and
+  `inbound:transparent`, the inbound chains again, matched by their service port.
 
 The traffic policies (every registered kind but TrafficPermission) are placed by where
 their kind attaches (`policies.PolicyType.attach`), each fragment under the kind's key,
@@ -37,7 +44,13 @@ only where a resource governs:
   the service's dataplanes carrying its tags;
 * **chain** kinds (RateLimit, FaultInjection) act in the called: every inbound chain of
   the dataplane gets the rules of the resources selecting it (its service and tags),
-  mTLS on or off (a `"*"` rule holds plaintext callers too).
+  mTLS on or off (a `"*"` rule holds plaintext callers too);
+* **listener** kinds (AccessLog) add to every chain of the dataplanes they select, all
+  of them (none is more specific): an outbound chain gets the sinks of those whose `to`
+  names its service, an inbound chain those with a `from`, by caller identity;
+* **proxy** kinds (Trace) configure the whole proxy: the most specific resource of the
+  kind selecting the dataplane (its service and tags) puts its section at the
+  snapshot's top level (`tracing:`).
 
 A cluster whose load balancing prefers the local zone lists each endpoint's `zone` (its
 dataplane's `zone` tag), and the snapshot then names the proxy's own (`zone:` at the
@@ -69,6 +82,7 @@ from meshling.controlplane.builder.index import (
     PolicyResource,
 )
 from meshling.controlplane.resources import Dataplane, Inbound, Mesh, Outbound
+from meshling.dns.vip import allocate
 from meshling.identity.spiffe import SpiffeId
 from meshling.policies.backends import subset_of
 from meshling.snapshot.model import TlsFiles
@@ -196,6 +210,7 @@ def _body(
 
     listeners: list[dict[str, Any]] = []
     clusters: dict[str, dict[str, Any]] = {}
+    inbound_chains: list[tuple[Inbound, dict[str, Any]]] = []
     for inbound in sorted(dataplane.inbounds, key=lambda i: i.port):
         cluster = _local_cluster(inbound)
         clusters[cluster["name"]] = cluster
@@ -213,34 +228,158 @@ def _body(
         if tls is not None and authz is not None:
             security = {"tls": {"mode": mesh.mtls.mode, **_files(tls)}, "authz": authz.to_dict()}
             chain = {**security, **chain}
+        chain.update(_logged(index, dataplane, None))
+        inbound_chains.append((inbound, chain))
         listeners.append(_listener(f"inbound:{inbound.port}", INBOUND_ADDRESS, inbound, chain))
     zoned = False
     for outbound in sorted(dataplane.outbounds, key=lambda o: o.port):
-        policies = index.outbound(dataplane, outbound.service)
-        protocol = "http" if outbound.protocol in HTTP2_PROTOCOLS else outbound.protocol
-        cluster = _service_cluster(outbound.service, mesh, tls, policies)
-        _between_proxies(cluster, outbound.protocol, mesh, index)
-        zoned = zoned or policies.zones
-        clusters[cluster["name"]] = cluster
-        # the backends of a route policy: subsets of the service, or other services
-        for backend in _backend_clusters(protocol, policies):
-            if backend not in clusters:
-                backend_policies = index.outbound(dataplane, subset_of(backend)[0])
-                clusters[backend] = _service_cluster(backend, mesh, tls, backend_policies)
-                _between_proxies(clusters[backend], outbound.protocol, mesh, index)
-                zoned = zoned or backend_policies.zones
         name = f"outbound:{outbound.service}"
-        chain = _chain(protocol, name, outbound.service, outbound.service, policies)
+        chain, zones = _outbound_chain(
+            dataplane, index, tls, clusters, outbound.service, outbound.protocol, name
+        )
+        zoned = zoned or zones
         listeners.append(_listener(name, LOOPBACK, outbound, chain))
+    if dataplane.transparent is not None:
+        zones = _transparent(dataplane, index, tls, clusters, listeners, inbound_chains)
+        zoned = zoned or zones
 
     body: dict[str, Any] = {"node": dataplane.name, "service": dataplane.service}
     zone = dataplane.tags.get(ZONE_TAG)
     if zoned and zone:
         body["zone"] = zone
     body["admin"] = {"address": LOOPBACK, "port": dataplane.admin_port}
+    body.update(_proxy_wide(index, dataplane))
+    if dataplane.dns is not None:
+        # every service of the mesh by name, so an app can call one it has no outbound for
+        # (transparent capture routes by the virtual IP)
+        names = dict(index.virtual_ips())
+        if dataplane.service not in names:
+            # a dataplane not yet among the index's: its service as it will be allocated
+            names = allocate([*names, dataplane.service], mesh.name)
+        names = dict(sorted(names.items()))
+        body["dns"] = {"address": LOOPBACK, "port": dataplane.dns.port, "names": names}
     body["listeners"] = listeners  # inbounds, then outbounds, each by port
     body["clusters"] = [clusters[name] for name in sorted(clusters)]
     return body
+
+
+def _outbound_chain(
+    dataplane: Dataplane,
+    index: MeshIndex,
+    tls: TlsFiles | None,
+    clusters: dict[str, dict[str, Any]],
+    service: str,
+    declared: str,
+    route_config: str,
+) -> tuple[dict[str, Any], bool]:
+    """The chain of the app's calls to `service` (in the `declared` protocol), with the
+    clusters it sends to added to `clusters`; and whether one of them lists zones."""
+    mesh = index.mesh
+    policies = index.outbound(dataplane, service)
+    protocol = "http" if declared in HTTP2_PROTOCOLS else declared
+    zoned = policies.zones
+    if service not in clusters:  # an explicit outbound's, when it has one
+        cluster = _service_cluster(service, mesh, tls, policies)
+        _between_proxies(cluster, declared, mesh, index)
+        clusters[cluster["name"]] = cluster
+    # the backends of a route policy: subsets of the service, or other services
+    for backend in _backend_clusters(protocol, policies):
+        if backend not in clusters:
+            backend_policies = index.outbound(dataplane, subset_of(backend)[0])
+            clusters[backend] = _service_cluster(backend, mesh, tls, backend_policies)
+            _between_proxies(clusters[backend], declared, mesh, index)
+            zoned = zoned or backend_policies.zones
+    chain = _chain(protocol, route_config, service, service, policies)
+    chain.update(_logged(index, dataplane, service))
+    return chain, zoned
+
+
+def _transparent(
+    dataplane: Dataplane,
+    index: MeshIndex,
+    tls: TlsFiles | None,
+    clusters: dict[str, dict[str, Any]],
+    listeners: list[dict[str, Any]],
+    inbound_chains: list[tuple[Inbound, dict[str, Any]]],
+) -> bool:
+    """Add the listeners of transparent capture; whether a cluster lists zones.
+
+    `outbound:transparent` (loopback, where REDIRECT from OUTPUT lands) has a chain per
+    service of the mesh matching its virtual IP, any port, in the protocol its inbounds
+    speak (HTTP if all of them do, else TCP), then the passthrough chain unless
+    `unmatched: refuse`. `inbound:transparent` (every interface) serves a connection to
+    an inbound's service port as that inbound's chain serves its own port."""
+    transparent = dataplane.transparent
+    assert transparent is not None
+    vips = dict(index.virtual_ips())
+    if dataplane.service not in vips:
+        # a dataplane not yet among the index's: its service as it will be allocated
+        vips = allocate([*vips, dataplane.service], index.mesh.name)
+    chains: list[dict[str, Any]] = []
+    zoned = False
+    for service, vip in sorted(vips.items()):
+        declared = "http" if index.speaks_http(service) else "tcp"
+        chain, zones = _outbound_chain(
+            dataplane, index, tls, clusters, service, declared, f"transparent:{service}"
+        )
+        zoned = zoned or zones
+        chains.append({"name": service, "match": {"destinations": [vip]}, **chain})
+    if transparent.unmatched == "passthrough":
+        chains.append({"name": "passthrough", "passthrough": True})
+    if chains:
+        listeners.append(
+            {
+                "name": "outbound:transparent",
+                "address": LOOPBACK,
+                "port": transparent.outbound_port,
+                "direction": "outbound",
+                "transparent": True,
+                "filter_chains": chains,
+            }
+        )
+    if inbound_chains:
+        listeners.append(
+            {
+                "name": "inbound:transparent",
+                "address": INBOUND_ADDRESS,
+                "port": transparent.inbound_port,
+                "direction": "inbound",
+                "transparent": True,
+                "filter_chains": [
+                    {
+                        "name": f"inbound:{inbound.port}",
+                        "match": {"ports": [inbound.service_port]},
+                        **_fresh(chain),
+                    }
+                    for inbound, chain in inbound_chains
+                ],
+            }
+        )
+    return zoned
+
+
+def _logged(index: MeshIndex, dataplane: Dataplane, destination: str | None) -> dict[str, Any]:
+    """The fields the "listener" kinds (AccessLog) add to one chain of `dataplane`: an
+    outbound one to `destination`, or (None) an inbound one."""
+    found: dict[str, Any] = {}
+    here = (dataplane.service, dataplane.tags)
+    for kind, resources in index.traffic:
+        if kind.attach == "listener" and kind.fragment is not None:
+            found.update(kind.fragment(resources, index.mesh.name, here, destination))
+    return found
+
+
+def _proxy_wide(index: MeshIndex, dataplane: Dataplane) -> dict[str, Any]:
+    """The top-level sections of the "proxy" kinds (Trace): for each, the fragment of the
+    most specific resource selecting `dataplane`, where one does."""
+    found: dict[str, Any] = {}
+    here = (dataplane.service, dataplane.tags)
+    for kind, resources in index.traffic:
+        if kind.attach == "proxy" and kind.fragment is not None:
+            document = kind.fragment(resources, index.mesh.name, dataplane=here)
+            if document:
+                found[kind.key] = document
+    return found
 
 
 def _files(tls: TlsFiles) -> dict[str, str]:

@@ -40,6 +40,7 @@ from meshling.controlplane.status import (
     utc_now,
 )
 from meshling.controlplane.store import RESYNC, Change, NotFound, Resource, Store, StoreError
+from meshling.controlplane.telemetry import DEFAULT_STATS_INTERVAL, TapHub, Telemetry
 from meshling.controlplane.tokens import REVOCATION_KIND
 from meshling.snapshot.load import SnapshotError
 from meshling.snapshot.model import TlsFiles
@@ -122,6 +123,7 @@ class Distributor:
         clock: Clock = utc_now,
         debounce: float = DEBOUNCE,
         resync_every: float = RESYNC_EVERY,
+        stats_interval: float = DEFAULT_STATS_INTERVAL,
     ) -> None:
         self.store = store
         self.status = status
@@ -138,6 +140,9 @@ class Distributor:
         self._closed = False
         # peers of newly registered proxies, for the consumer to rebuild
         self._pending_builds: set[Key] = set()
+        # golden metrics and taps from the streams of this replica (`meshling stat`, `tap`)
+        self.telemetry = Telemetry(stats_interval=stats_interval)
+        self.taps = TapHub(stats_interval)
         # counters, for measurements and tests
         self.batches = 0
         self.resyncs = 0

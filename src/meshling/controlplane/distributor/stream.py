@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -33,6 +35,7 @@ from meshling.configstream import (
     decode_client,
     encode,
 )
+from meshling.configstream.messages import TELEMETRY_FEATURE, Stats, TapEvents
 from meshling.controlplane.api.ca import is_revoked
 from meshling.controlplane.distributor.service import (
     CLOSE_INVALID,
@@ -77,16 +80,23 @@ class Refused(Exception):
 
 
 class WebSocketStream:
-    """The writing half of one stream: the newest offered push, then at most one refusal."""
+    """The writing half of one stream: the newest offered push, the telemetry messages
+    (`send`) in order, then at most one refusal."""
 
     def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
         self._next: str | None = None
+        # telemetry, tap and untap frames: few, and each one counts (not conflated)
+        self._frames: deque[str] = deque(maxlen=256)
         self._refusal: Refused | None = None
         self._wake = asyncio.Event()
 
     def offer(self, version: str, frame: str) -> None:
         self._next = frame
+        self._wake.set()
+
+    def send(self, frame: str) -> None:
+        self._frames.append(frame)
         self._wake.set()
 
     def refuse(self, reason: str, message: str, code: int) -> None:
@@ -108,6 +118,8 @@ class WebSocketStream:
             if self._next is not None:
                 frame, self._next = self._next, None
                 await self._websocket.send_text(frame)
+            while self._frames and self._refusal is None:
+                await self._websocket.send_text(self._frames.popleft())
         refusal = self._refusal
         if refusal.code >= 4000:
             await self._websocket.send_text(encode(Refusal(refusal.reason, refusal.message)))
@@ -141,6 +153,8 @@ def stream_endpoint(
         finally:
             if session is not None:
                 distributor.unregister(session)
+                distributor.taps.disconnected(session.key, stream.send)
+                distributor.telemetry.disconnected(session.key)
             if not stream.refused:
                 stream.refuse("closed", "stream ended", 1000)
             try:
@@ -165,7 +179,11 @@ async def _read(
         except ProtocolError as e:
             stream.refuse("invalid", str(e), CLOSE_INVALID)
             return
-        if isinstance(decoded, Ack):
+        if isinstance(decoded, Stats):
+            distributor.telemetry.record(session.key, session.service, decoded, time.monotonic())
+        elif isinstance(decoded, TapEvents):
+            distributor.taps.events(session.key, decoded)
+        elif isinstance(decoded, Ack):
             if not distributor.ack(session, decoded.version):
                 log.info("%s/%s acked unknown version %s", *session.key, decoded.version)
         elif isinstance(decoded, Nack):
@@ -263,7 +281,7 @@ async def _handshake(
         raise Refused(
             "unavailable", f"the control plane cannot reach its store: {e}", CLOSE_UNAVAILABLE
         ) from None
-    return distributor.register(
+    session = distributor.register(
         dataplane,
         version,
         tls,
@@ -273,6 +291,12 @@ async def _handshake(
         applied=hello.applied,
         expires=claims.expires,
     )
+    features = hello.proxy.get("features")
+    if isinstance(features, list) and TELEMETRY_FEATURE in features:
+        # only a proxy that said it speaks them gets telemetry messages (older ones
+        # would refuse an unknown type)
+        distributor.taps.connected(session.key, claims.service, stream.send, time.monotonic())
+    return session
 
 
 async def _mesh(store: Store, name: str) -> Mesh:
