@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cp clean
+.PHONY: install demo test lint bench bench-cp chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 bench-cp: $(STAMP)
 	$(BIN)/python bench/cp.py
+
+# The chaos suite's long form: faults under traffic on network namespaces; needs root.
+chaos: $(STAMP)
+	bash scripts/install-peers
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -255,7 +255,7 @@ class Network:
         self.hosts: dict[str, Host] = {}
         self.switch = f"{self.run_id}-switch"
         self._namespaces: list[str] = []
-        self._faults: dict[str, list[Callable[[], None]]] = {}
+        self._faults: dict[str, list[Callable[[], object]]] = {}
         try:
             self._build(names)
         except BaseException:
@@ -300,7 +300,8 @@ class Network:
         ]  # fmt: skip
         for rule in rules:
             host.run(["iptables", "-w", "-A", *rule])
-            self._undo(host, lambda rule=rule: host.run(["iptables", "-w", "-D", *rule]))
+            delete = ["iptables", "-w", "-D", *rule]
+            self._undo(host, lambda delete=delete: host.run(delete))  # type: ignore[misc]
 
     def cut(self, host: Host) -> None:
         """Pull the host's cable out (at the switch): it keeps its address, loses carrier."""
@@ -325,7 +326,7 @@ class Network:
             for undo in reversed(self._faults.pop(name, [])):
                 undo()
 
-    def _undo(self, host: Host, undo: Callable[[], None]) -> None:
+    def _undo(self, host: Host, undo: Callable[[], object]) -> None:
         self._faults.setdefault(host.name, []).append(undo)
 
     # -- the end ------------------------------------------------------------------------
@@ -388,7 +389,7 @@ http {{
         listen 127.0.0.1:{port};
         default_type text/plain;
         location = /healthz {{ return 200 "ok\\n"; }}
-        location / {{ return 200 "{name}\\n{padding}\\n"; }}
+        location / {{ return 200 "{name}\\n{padding}"; }}
     }}
 }}
 """
@@ -508,10 +509,10 @@ class MeshHosts:
         (root / "tmp").mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         conf = root / "nginx.conf"
+        # the name line alone unless padded (nginx reads the two characters \n as a newline)
+        padding = "." * self.body_padding + "\\n" if self.body_padding else ""
         conf.write_text(
-            NGINX_CONF.format(
-                root=root, port=APP_PORT, name=instance.name, padding="." * self.body_padding
-            )
+            NGINX_CONF.format(root=root, port=APP_PORT, name=instance.name, padding=padding)
         )
         process = instance.host.start(
             f"{instance.name}-app", [nginx_binary(), "-p", str(root), "-c", str(conf)]
