@@ -210,6 +210,34 @@ def test_hop_joins_w3c_and_writes_its_own_span_as_parent() -> None:
     assert kept == [(b"a", b"b")]
 
 
+def test_hop_passes_an_unsampled_w3c_context_on_unchanged() -> None:
+    tracer = Tracer(100.0, random_bits=fixed_bits())  # type: ignore[arg-type]
+    unsampled = f"00-{TID}-{SID}-00".encode()
+    fields = [(b"a", b"b"), (b"traceparent", unsampled)]
+    hop, kept = tracer.begin(fields)
+    # the caller chose not to sample (even at 100 %): no span of this hop exists, so the
+    # caller's context goes on as it came, and no field is copied or written
+    assert not hop.sampled and hop.fields == []
+    assert kept is fields and (b"traceparent", unsampled) in kept
+    assert hop.trace_id == TID.encode() and hop.parent_span_id == SID.encode()
+    # an invalid one, one with other flags, or one with a tracestate takes the full path
+    for extra in (
+        [(b"traceparent", f"00-{TID}-{'0' * 16}-00".encode())],
+        [(b"traceparent", f"00-{TID}-{SID}-02".encode())],
+        [(b"traceparent", unsampled), (b"tracestate", b"k=v")],
+    ):
+        hop, kept = tracer.begin([(b"a", b"b"), *extra])
+        assert kept == [(b"a", b"b")] and hop.fields
+
+
+def test_hop_starts_a_trace_without_copying_the_fields() -> None:
+    tracer = Tracer(100.0, random_bits=fixed_bits())  # type: ignore[arg-type]
+    fields = [(b"a", b"b")]
+    hop, kept = tracer.begin(fields)
+    assert kept is fields and hop.sampled and hop.parent_span_id is None
+    assert [name for name, _ in hop.fields] == [b"traceparent"]
+
+
 def test_hop_answers_b3_in_kind_and_w3c_too() -> None:
     tracer = Tracer(100.0, random_bits=fixed_bits())  # type: ignore[arg-type]
     hop, _ = tracer.begin([(b"x-b3-traceid", TID[16:].encode()), (b"x-b3-spanid", SID.encode())])

@@ -13,7 +13,9 @@ sampled flag, B3 `1`/`0`/`d`) is honoured as it is, as a parent-based sampler do
 What the proxy writes: W3C Trace Context always (the mesh's own format), and B3 too —
 single (`b3`) and/or multi (`x-b3-*`) — when the configuration lists it, or when the
 request came in with it, so that an app instrumented with Zipkin's libraries keeps
-getting the format it reads. Stale values of every format are dropped first.
+getting the format it reads. Stale values of every format are dropped first. A caller's
+valid W3C context that is not sampled goes on unchanged (no span of the hop will exist
+to be its parent), which spares the request path a copy of its fields.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import os
 import random
 from collections.abc import Callable, Iterable
 
-from meshling.tracing.context import Format, extract, propagation_fields
+from meshling.tracing.context import (
+    TRACE_FIELDS,
+    Format,
+    extract,
+    parse_traceparent,
+    propagation_fields,
+)
 
 # 2**64: sampling compares the trace id's low 64 bits against percent of this
 _SPACE = 1 << 64
@@ -99,6 +107,33 @@ class Tracer:
         # ids must be unique, not secret: a seeded PRNG is ~10x cheaper than os.urandom
         self.random_bits = random_bits or _system_bits()
 
+    def _w3c_only(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Hop, list[tuple[bytes, bytes]]] | None:
+        """The two cases nearly every request is, decided without copying its fields;
+        None for the rest. A request with no trace field starts a trace. One whose only
+        trace field is a valid W3C `traceparent` of a caller that chose not to sample
+        (flags 00) goes on with that context unchanged: no span of this hop is ever
+        recorded, so a span id of its own would name nothing."""
+        found: tuple[bytes, bytes] | None = None
+        for field in headers:
+            if field[0] in TRACE_FIELDS:
+                if found is not None:
+                    return None
+                found = field
+        if found is None:
+            trace_id, span_id, low = self._new_ids()
+            sampled = low < self.bound
+            value = b"00-%b-%b-0%b" % (trace_id, span_id, b"1" if sampled else b"0")
+            return Hop(trace_id, span_id, None, sampled, b"", [(b"traceparent", value)]), headers
+        name, value = found
+        if name != b"traceparent" or len(value) != 55 or value[53:] != b"00":
+            return None
+        parent = parse_traceparent(value)
+        if parent is None or parent.trace_id is None or parent.span_id is None:
+            return None
+        return Hop(parent.trace_id, parent.span_id, parent.span_id, False, b"", []), headers
+
     def _span_id(self) -> bytes:
         value = self.random_bits(64)
         while not value:
@@ -117,7 +152,11 @@ class Tracer:
 
     def begin(self, headers: list[tuple[bytes, bytes]]) -> tuple[Hop, list[tuple[bytes, bytes]]]:
         """The hop for a request with these fields, and the fields without the trace
-        ones (the caller forwards those, then `hop.fields`)."""
+        ones (the caller forwards those, then `hop.fields`; neither list is changed)."""
+        if not (self.b3 or self.b3multi):
+            quick = self._w3c_only(headers)
+            if quick is not None:
+                return quick
         incoming, kept = extract(headers)
         parent = incoming.parent
         tracestate = b""
