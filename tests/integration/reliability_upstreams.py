@@ -2,7 +2,8 @@
 health-check answer. Each answers with its own port in the body, so a test sees which
 endpoint served a request.
 
-Used by the CircuitBreaker, outlier detection, HealthCheck and LoadBalancing tests.
+Used by the CircuitBreaker, outlier detection, HealthCheck and LoadBalancing tests;
+`serve` and `answer` also by the upstreams of the control-plane tests.
 """
 
 from __future__ import annotations
@@ -10,8 +11,36 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+def serve(handle: Callable[[BaseHTTPRequestHandler], None]) -> ThreadingHTTPServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 answering every GET with `handle(request)`,
+    serving until `shutdown()`; `server_close()` then frees its port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            handle(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def answer(request: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """A complete response with a content-length, so the connection can be kept alive."""
+    request.send_response(status)
+    request.send_header("content-length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
 
 
 class Upstream:
@@ -27,21 +56,8 @@ class Upstream:
         self.health_hits = 0
         self.active = 0
         self.lock = threading.Lock()
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                upstream.handle(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(self.handle)
         self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         if request.path == self.health_path:
@@ -59,11 +75,7 @@ class Upstream:
                 with self.lock:
                     self.active -= 1
             status = self.status
-        body = b"%d\n" % self.port
-        request.send_response(status)
-        request.send_header("content-length", str(len(body)))
-        request.end_headers()
-        request.wfile.write(body)
+        answer(request, status, b"%d\n" % self.port)
 
     def close(self) -> None:
         self.server.shutdown()

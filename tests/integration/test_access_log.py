@@ -431,7 +431,7 @@ def test_access_log_snapshot_with_a_bad_template_is_refused_naming_the_placehold
 def test_access_log_policy_through_the_control_plane_logs_only_the_selected_traffic(
     tmp_path: Path,
 ) -> None:
-    from .test_agent_cp import ControlPlane, Dataplane
+    from .cp_mesh import ControlPlane, Dataplane, allow, start_ready
     from .test_cp_policies import FlakyUpstream, Mesh, running
 
     def logged(snapshot: Any) -> list[str]:
@@ -446,18 +446,7 @@ def test_access_log_policy_through_the_control_plane_logs_only_the_selected_traf
     upstream = FlakyUpstream()
     cp = ControlPlane(tmp_path, mtls="strict")
     cp.start()
-    cp.call(
-        "POST",
-        "/api/v1/resources?allow_unmatched=true",
-        {
-            "kind": "TrafficPermission",
-            "metadata": {"name": "everyone", "mesh": "default"},
-            "spec": {
-                "destination": {"service": "*"},
-                "rules": [{"action": "allow", "sources": [{"service": "*"}]}],
-            },
-        },
-    )
+    cp.apply_unmatched(allow("*", "*", name="everyone"))
     to_api, to_db = free_port(), free_port()
 
     def service(name: str, service: str, spec: dict[str, Any]) -> Dataplane:
@@ -484,10 +473,7 @@ def test_access_log_policy_through_the_control_plane_logs_only_the_selected_traf
     web_log, api_log = tmp_path / "web-to-api.log", tmp_path / "api-from-web.log"
     mesh = Mesh(tmp_path, cp, to_api)
     try:
-        for proxy in (api, db, web):
-            proxy.start()
-        for proxy in (api, db, web):
-            wait_for(proxy.ready, 20, f"{proxy.name} ready")
+        start_ready(api, db, web)
         wait_for(lambda: get(to_api, "/ok/warm")[0] == 200, 20, "web -> api over mTLS")
         wait_for(lambda: get(to_db, "/ok/warm")[0] == 200, 20, "web -> db over mTLS")
 

@@ -9,170 +9,17 @@ back: not one request may fail.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
 
 import pytest
-import yaml
 
-from .conftest import Nginx, free_port, http_get, wait_for
+from .conftest import Nginx, http_get, wait_for
+from .cp_mesh import ControlPlane, Dataplane, allow, start_ready, web_and_service
 from .test_agent import metric
 from .test_lifecycle import Load
 
 pytestmark = pytest.mark.integration
-
-
-class ControlPlane:
-    def __init__(self, root: Path, mtls: str = "strict") -> None:
-        self.root = root
-        self.mtls = mtls
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = self.root / f"cp{self.runs}.log"
-        self.runs += 1
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meshling",
-                "control-plane",
-                "run",
-                "--data-dir",
-                str(self.root / "cp"),
-                "--port",
-                str(self.port),
-                "--mesh-mtls",
-                self.mtls,
-            ],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-        def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"control plane exited:\n{log.read_text()}")
-            try:
-                return http_get(self.url + "/healthz", timeout=0.5)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, 20, "control plane")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def call(self, method: str, path: str, body: Any) -> Any:
-        token = (self.root / "cp" / "admin.token").read_text().strip()
-        request = urllib.request.Request(
-            self.url + path,
-            data=json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-
-class ControlPlanes(Protocol):
-    """What a proxy is given of its control plane: the `--cp` address(es), and the API
-    its token is issued through."""
-
-    @property
-    def url(self) -> str: ...
-
-    def call(self, method: str, path: str, body: Any) -> Any: ...
-
-
-class Dataplane:
-    def __init__(self, root: Path, cp: ControlPlanes, name: str, spec: dict[str, Any]) -> None:
-        self.root = root
-        self.cp = cp
-        self.name = name
-        self.admin_port = spec["admin"]["port"]
-        self.document = {
-            "kind": "Dataplane",
-            "metadata": {"name": name, "mesh": "default"},
-            "spec": spec,
-        }
-        self.file = root / f"{name}.yaml"
-        self.file.write_text(yaml.safe_dump(self.document))
-        self.token = root / f"{name}.token"
-        issued = cp.call("POST", "/api/v1/tokens/dataplane", {"service": spec["service"]})
-        self.token.write_text(issued["token"])
-        self.data = root / f"{name}-data"
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def log(self, n: int) -> Path:
-        return self.root / f"{self.name}-{n}.log"
-
-    def start(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meshling",
-                "proxy",
-                "run",
-                "--cp",
-                self.cp.url,
-                "--token-file",
-                str(self.token),
-                "--dataplane",
-                str(self.file),
-                "--data-dir",
-                str(self.data),
-            ],
-            stdout=self.log(len(self.procs)).open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def logs(self, n: int = -1) -> str:
-        return self.log(n % len(self.procs)).read_text(errors="replace")
-
-    def ready(self) -> bool:
-        try:
-            return http_get(self.admin + "/ready", timeout=0.5)[0] == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> str:
-        return http_get(self.admin + "/metrics")[1].decode()
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
 
 def restart(proxy: Dataplane) -> None:
@@ -189,45 +36,9 @@ def restart(proxy: Dataplane) -> None:
 def mesh(cp: ControlPlane, nginx: Nginx, tmp_path: Path) -> tuple[Dataplane, Dataplane, int]:
     """api-1 (inbound to nginx) and web-1 (outbound to api), started and serving."""
     # applied before api-1 registers, as a GitOps set-up would: it selects nothing yet
-    cp.call(
-        "POST",
-        "/api/v1/resources?allow_unmatched=true",
-        {
-            "kind": "TrafficPermission",
-            "metadata": {"name": "web-to-api", "mesh": "default"},
-            "spec": {
-                "destination": {"service": "api"},
-                "rules": [{"action": "allow", "sources": [{"service": "web"}]}],
-            },
-        },
-    )
-    inbound, outbound = free_port(), free_port()
-    api = Dataplane(
-        tmp_path,
-        cp,
-        "api-1",
-        {
-            "service": "api",
-            "address": "127.0.0.1",
-            "inbounds": [{"port": inbound, "service_port": nginx.port, "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    web = Dataplane(
-        tmp_path,
-        cp,
-        "web-1",
-        {
-            "service": "web",
-            "address": "127.0.0.1",
-            "outbounds": [{"port": outbound, "service": "api", "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    api.start()
-    web.start()
-    wait_for(api.ready, 20, "api proxy ready")
-    wait_for(web.ready, 20, "web proxy ready")
+    cp.apply_unmatched(allow("web", "api"))
+    api, web, outbound = web_and_service(tmp_path, cp, "api", nginx.port)
+    start_ready(api, web)
     for proxy in (api, web):
         text = proxy.metrics()
         assert metric(text, "meshling_control_plane_connected") == 1

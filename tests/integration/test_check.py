@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import Nginx, wait_for
-from .test_agent_cp import ControlPlane, mesh
+from .cp_mesh import ControlPlane
+from .test_agent_cp import mesh
 
 pytestmark = pytest.mark.integration
 

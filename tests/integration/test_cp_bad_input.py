@@ -36,8 +36,9 @@ from meshling.identity import SpiffeId, make_key_and_csr
 
 from . import conftest
 from .conftest import Nginx, free_port, http_get, wait_for
+from .cp_mesh import ControlPlane, Dataplane
 from .test_agent import metric
-from .test_agent_cp import ControlPlane, Dataplane, mesh
+from .test_agent_cp import mesh
 from .test_cp_stream import ProxyClient
 from .test_lifecycle import Load
 

@@ -24,9 +24,9 @@ from meshling.configstream import Push
 from meshling.controlplane.store.postgres import redact
 from meshling.identity import Bundle, SpiffeId, make_key_and_csr, verify_svid
 
-from .conftest import Nginx, free_port, http_get, wait_for
+from .conftest import Nginx, http_get, wait_for
+from .cp_mesh import start_ready, web_and_service
 from .test_agent import metric
-from .test_agent_cp import Dataplane
 from .test_cp_stream import (
     ControlPlane,
     ProxyClient,
@@ -217,35 +217,12 @@ def test_cp_ha_a_proxy_fails_over_to_the_surviving_replica_without_a_failed_requ
     # before api-1 registers: it selects nothing yet
     r = a.post("/api/v1/resources?allow_unmatched=true", web_to_api("allow"))
     assert r.status_code == 201, r.text
-    inbound, outbound = free_port(), free_port()
     # api-1 tries A first, web-1 B first: a replica's death moves only its own proxies
-    api = Dataplane(
-        tmp_path,
-        Addresses(a, b),
-        "api-1",
-        {
-            "service": "api",
-            "address": "127.0.0.1",
-            "inbounds": [{"port": inbound, "service_port": nginx.port, "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    web = Dataplane(
-        tmp_path,
-        Addresses(b, a),
-        "web-1",
-        {
-            "service": "web",
-            "address": "127.0.0.1",
-            "outbounds": [{"port": outbound, "service": "api", "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
+    api, web, outbound = web_and_service(
+        tmp_path, Addresses(a, b), "api", nginx.port, web_cp=Addresses(b, a)
     )
     try:
-        api.start()
-        web.start()
-        wait_for(api.ready, 30, "api proxy ready")
-        wait_for(web.ready, 30, "web proxy ready")
+        start_ready(api, web, timeout=30)
         wait_for(
             lambda: http_get(f"http://127.0.0.1:{outbound}/hello")[0] == 200,
             30,

@@ -17,26 +17,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .conftest import free_port, http_get, wait_for
-from .test_agent_cp import ControlPlane, Dataplane
+from .conftest import http_get, wait_for
+from .cp_mesh import ControlPlane, Dataplane, allow, start_ready, web_and_service
+from .reliability_upstreams import answer, serve
 
 pytestmark = pytest.mark.integration
 
-PERMISSION = {
-    "kind": "TrafficPermission",
-    "metadata": {"name": "web-to-api", "mesh": "default"},
-    "spec": {
-        "destination": {"service": "api"},
-        "rules": [{"action": "allow", "sources": [{"service": "web"}]}],
-    },
-}
+PERMISSION = allow("web", "api")
 RETRY = {
     "kind": "Retry",
     "metadata": {"name": "web-to-api", "mesh": "default"},
@@ -73,28 +67,14 @@ class FlakyUpstream:
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                with upstream.lock:
-                    n = upstream.seen[self.path] = upstream.seen.get(self.path, 0) + 1
-                status = 503 if self.path.startswith("/flaky/") and n == 1 else 200
-                body = b"try %d\n" % n
-                self.send_response(status)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(self.handle)
         self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        with self.lock:
+            n = self.seen[request.path] = self.seen.get(request.path, 0) + 1
+        status = 503 if request.path.startswith("/flaky/") and n == 1 else 200
+        answer(request, status, b"try %d\n" % n)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -151,7 +131,7 @@ class Mesh:
             timeout=30,
             env={
                 "MESHLING_CP": self.cp.url,
-                "MESHLING_ADMIN_TOKEN_FILE": str(self.root / "cp" / "admin.token"),
+                "MESHLING_ADMIN_TOKEN_FILE": str(self.cp.admin_token_file),
             },
             cwd=self.root,
         )
@@ -177,36 +157,11 @@ def test_cp_policies_apply_and_delete_change_live_traffic(
     started = time.monotonic()
     cp = ControlPlane(tmp_path, mtls="strict")
     cp.start()
-    cp.call("POST", "/api/v1/resources?allow_unmatched=true", PERMISSION)
-    inbound, outbound = free_port(), free_port()
-    api = Dataplane(
-        tmp_path,
-        cp,
-        "api-1",
-        {
-            "service": "api",
-            "address": "127.0.0.1",
-            "inbounds": [{"port": inbound, "service_port": flaky.port, "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    web = Dataplane(
-        tmp_path,
-        cp,
-        "web-1",
-        {
-            "service": "web",
-            "address": "127.0.0.1",
-            "outbounds": [{"port": outbound, "service": "api", "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
+    cp.apply_unmatched(PERMISSION)
+    api, web, outbound = web_and_service(tmp_path, cp, "api", flaky.port)
     mesh = Mesh(tmp_path, cp, outbound)
     try:
-        api.start()
-        web.start()
-        wait_for(api.ready, 20, "api proxy ready")
-        wait_for(web.ready, 20, "web proxy ready")
+        start_ready(api, web)
         wait_for(lambda: mesh.call("/ok/")[0] == 200, 20, "web -> api over mTLS")
 
         # no Retry: the first try's 503 is the answer

@@ -15,16 +15,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .conftest import free_port, http_get, wait_for
-from .test_agent_cp import ControlPlane, Dataplane
+from .cp_mesh import ControlPlane, Dataplane, start_ready
+from .reliability_upstreams import answer, serve
 
 pytestmark = pytest.mark.integration
 
@@ -82,23 +81,8 @@ class Named:
 
     def __init__(self, name: str) -> None:
         body = name.encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(lambda request: answer(request, 200, body))
         self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -117,7 +101,7 @@ def explain(cp: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "MESHLING_CP": cp.url,
-        "MESHLING_ADMIN_TOKEN_FILE": str(cp.root / "cp" / "admin.token"),
+        "MESHLING_ADMIN_TOKEN_FILE": str(cp.admin_token_file),
     }
     return subprocess.run(
         [sys.executable, "-m", "meshling", "explain", *args],
@@ -160,8 +144,7 @@ def test_explain_agrees_with_the_proxies_on_route_and_permission(
     v1, v2 = upstreams
     cp = ControlPlane(tmp_path, mtls="strict")
     cp.start()
-    for document in POLICIES:
-        cp.call("POST", "/api/v1/resources?allow_unmatched=true", document)
+    cp.apply_unmatched(*POLICIES)
     proxies: list[Dataplane] = []
     outbounds: dict[str, int] = {}
     try:
@@ -185,10 +168,7 @@ def test_explain_agrees_with_the_proxies_on_route_and_permission(
                 "admin": {"port": free_port()},
             }
             proxies.append(Dataplane(tmp_path, cp, name, spec))
-        for proxy in proxies:
-            proxy.start()
-        for proxy in proxies:
-            wait_for(proxy.ready, 30, f"{proxy.name} ready")
+        start_ready(*proxies, timeout=30)
         web = next(p for p in proxies if p.name == "web-1")
         canary = {"x-canary": "1"}
         wait_for(lambda: answers(outbounds["web"], canary), 30, "web -> api through the canary")

@@ -245,51 +245,15 @@ def test_grpc_through_a_mesh_the_control_plane_configures(
 ) -> None:
     """Dataplanes declare `protocol: grpc`; the control plane (mTLS strict) builds the
     HTTP/2 clusters, and a grpcio client reaches the server through both proxies."""
-    from .test_agent_cp import ControlPlane, Dataplane
+    from .cp_mesh import ControlPlane, allow, start_ready, web_and_service
 
     _, port = echo_server
     cp = ControlPlane(tmp_path, mtls="strict")
     cp.start()
-    cp.call(
-        "POST",
-        "/api/v1/resources?allow_unmatched=true",
-        {
-            "kind": "TrafficPermission",
-            "metadata": {"name": "web-to-greeter", "mesh": "default"},
-            "spec": {
-                "destination": {"service": "greeter"},
-                "rules": [{"action": "allow", "sources": [{"service": "web"}]}],
-            },
-        },
-    )
-    outbound = free_port()
-    greeter = Dataplane(
-        tmp_path,
-        cp,
-        "greeter-1",
-        {
-            "service": "greeter",
-            "address": "127.0.0.1",
-            "inbounds": [{"port": free_port(), "service_port": port, "protocol": "grpc"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    web = Dataplane(
-        tmp_path,
-        cp,
-        "web-1",
-        {
-            "service": "web",
-            "address": "127.0.0.1",
-            "outbounds": [{"port": outbound, "service": "greeter", "protocol": "grpc"}],
-            "admin": {"port": free_port()},
-        },
-    )
+    cp.apply_unmatched(allow("web", "greeter"))
+    greeter, web, outbound = web_and_service(tmp_path, cp, "greeter", port, protocol="grpc")
     try:
-        greeter.start()
-        web.start()
-        wait_for(greeter.ready, 20, "greeter proxy ready")
-        wait_for(web.ready, 20, "web proxy ready")
+        start_ready(greeter, web)
         kw: dict[str, Any] = {"request_serializer": _identity, "response_deserializer": _identity}
         with grpc.insecure_channel(f"127.0.0.1:{outbound}") as channel:
             unary = channel.unary_unary("/test.Echo/Unary", **kw)

@@ -34,8 +34,8 @@ from meshling.configstream import Hello, decode_server, encode
 from meshling.configstream.messages import Stats, StatsRow, Tap, TapEvents, TelemetryOffer, Untap
 from meshling.telemetry.metrics import BUCKETS
 
-from .conftest import free_port, http_get, wait_for
-from .test_agent_cp import ControlPlane, Dataplane
+from .conftest import http_get, wait_for
+from .cp_mesh import ControlPlane, Dataplane, allow, start_ready, web_and_service
 from .test_cp_stream import ProxyClient, dataplane, start_control_plane
 
 pytestmark = pytest.mark.integration
@@ -85,7 +85,7 @@ def cli(cp: ControlPlane, *args: str, timeout: float = 30) -> subprocess.Complet
 
 
 def env(cp: ControlPlane) -> dict[str, str]:
-    return {**os.environ, "MESHLING_ADMIN_TOKEN_FILE": str(cp.root / "cp" / "admin.token")}
+    return {**os.environ, "MESHLING_ADMIN_TOKEN_FILE": str(cp.admin_token_file)}
 
 
 def stats(cp: ControlPlane, *args: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def stats(cp: ControlPlane, *args: str) -> dict[str, Any]:
 
 
 def api_get(cp: ControlPlane, path: str) -> tuple[int, bytes]:
-    token = (cp.root / "cp" / "admin.token").read_text().strip()
+    token = cp.admin_token_file.read_text().strip()
     request = urllib.request.Request(cp.url + path, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -106,13 +106,8 @@ def api_get(cp: ControlPlane, path: str) -> tuple[int, bytes]:
 
 
 def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Like wait_for, at a pace fit for running a CLI process each time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    """wait_for at a pace fit for running a CLI process each time."""
+    wait_for(predicate, timeout, what, interval=0.5)
 
 
 def row(body: dict[str, Any], section: str, **match: str) -> dict[str, Any]:
@@ -156,46 +151,10 @@ class Traffic:
 def test_stat_and_tap_through_the_control_plane(app: int, tmp_path: Path) -> None:
     cp = ControlPlane(tmp_path, mtls="strict")
     cp.start()
-    cp.call(
-        "POST",
-        "/api/v1/resources?allow_unmatched=true",
-        {
-            "kind": "TrafficPermission",
-            "metadata": {"name": "web-to-api", "mesh": "default"},
-            "spec": {
-                "destination": {"service": "api"},
-                "rules": [{"action": "allow", "sources": [{"service": "web"}]}],
-            },
-        },
-    )
-    outbound = free_port()
-    api = Dataplane(
-        tmp_path,
-        cp,
-        "api-1",
-        {
-            "service": "api",
-            "address": "127.0.0.1",
-            "inbounds": [{"port": free_port(), "service_port": app, "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
-    web = Dataplane(
-        tmp_path,
-        cp,
-        "web-1",
-        {
-            "service": "web",
-            "address": "127.0.0.1",
-            "outbounds": [{"port": outbound, "service": "api", "protocol": "http"}],
-            "admin": {"port": free_port()},
-        },
-    )
+    cp.apply_unmatched(allow("web", "api"))
+    api, web, outbound = web_and_service(tmp_path, cp, "api", app)
     try:
-        api.start()
-        web.start()
-        wait_for(api.ready, 20, "api proxy ready")
-        wait_for(web.ready, 20, "web proxy ready")
+        start_ready(api, web)
         # both proxies' first stats arrived: they are listed, online
         poll(
             lambda: (

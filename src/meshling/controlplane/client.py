@@ -263,17 +263,8 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         url = self.url + "/api/v1/tap?" + urllib.parse.urlencode(query)
         request = urllib.request.Request(url, headers=headers, method="GET")
-        try:
-            # a quiet tap sends nothing until its end: wait that long, and a margin
-            response = urllib.request.urlopen(
-                request, timeout=duration + self.timeout, context=self._context()
-            )
-        except urllib.error.HTTPError as e:
-            raise _api_error(e.code, e.read(), e.reason) from None
-        except urllib.error.URLError as e:
-            raise Unreachable(self.url, str(e.reason)) from None
-        except (TimeoutError, ConnectionError) as e:
-            raise Unreachable(self.url, str(e) or type(e).__name__) from None
+        # a quiet tap sends nothing until its end: wait that long, and a margin
+        response = self._open(request, duration + self.timeout)
         with response:
             try:
                 for line in response:
@@ -310,6 +301,18 @@ class Client:
                 ) from None
         return self._tls
 
+    def _open(self, request: urllib.request.Request, timeout: float) -> Any:
+        """The response to `request`; an error answer raises ApiError, no answer
+        Unreachable."""
+        try:
+            return urllib.request.urlopen(request, timeout=timeout, context=self._context())
+        except urllib.error.HTTPError as e:
+            raise _api_error(e.code, e.read(), e.reason) from None
+        except urllib.error.URLError as e:
+            raise Unreachable(self.url, str(e.reason)) from None
+        except (TimeoutError, ConnectionError) as e:
+            raise Unreachable(self.url, str(e) or type(e).__name__) from None
+
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Accept": "application/json"}
         if self.token:
@@ -319,17 +322,11 @@ class Client:
             data = json.dumps(body, default=str).encode()
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(
-                request, timeout=self.timeout, context=self._context()
-            ) as response:
+        with self._open(request, self.timeout) as response:
+            try:
                 raw = response.read()
-        except urllib.error.HTTPError as e:
-            raise _api_error(e.code, e.read(), e.reason) from None
-        except urllib.error.URLError as e:
-            raise Unreachable(self.url, str(e.reason)) from None
-        except (TimeoutError, ConnectionError) as e:
-            raise Unreachable(self.url, str(e) or type(e).__name__) from None
+            except (TimeoutError, ConnectionError) as e:
+                raise Unreachable(self.url, str(e) or type(e).__name__) from None
         if not raw:
             return None
         try:

@@ -210,12 +210,11 @@ def selects_inbound(policy: Targeted, dataplanes: Iterable[Dataplane]) -> Select
     )
 
 
-def parse_targeted(
-    document: Any, source: str, kind: str
-) -> tuple[str, str, _Node, tuple[Selector, ...], tuple[Selector, ...], _Node]:
-    """The `kind / metadata / spec` envelope every traffic policy resource has: its
-    name, mesh, the `spec` node, the source and destination selectors, and the
-    `spec.conf` node, which the policy reads itself."""
+def parse_envelope(
+    document: Any, source: str, kind: str, spec_fields: tuple[str, ...]
+) -> tuple[str, str, _Node]:
+    """The `kind / metadata / spec` envelope of every policy resource: its name, mesh and
+    the `spec` node, in which only `spec_fields` may stand."""
     root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
     given = root.need("kind", metadata.text)
     if given != kind:
@@ -223,7 +222,28 @@ def parse_targeted(
     meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
     name = meta.need("name", metadata.name)
     mesh = meta.need("mesh", metadata.mesh)
-    spec = root.need("spec", lambda n: n.mapping(("sources", "destinations", "conf")))
+    spec = root.need("spec", lambda n: n.mapping(spec_fields))
+    return name, mesh, spec
+
+
+def parse_proxy_policy(
+    document: Any, source: str, kind: str, spec_fields: tuple[str, ...]
+) -> tuple[str, str, _Node, tuple[Selector, ...]]:
+    """The envelope of a policy that selects whole proxies by `spec.dataplanes` (AccessLog,
+    Trace) rather than traffic by source and destination: its name, mesh, the `spec` node
+    (`dataplanes` and `spec_fields`) and the dataplane selectors."""
+    name, mesh, spec = parse_envelope(document, source, kind, ("dataplanes", *spec_fields))
+    dataplanes = spec.need("dataplanes", lambda n: parse_selectors(n, mesh))
+    return name, mesh, spec, dataplanes
+
+
+def parse_targeted(
+    document: Any, source: str, kind: str
+) -> tuple[str, str, _Node, tuple[Selector, ...], tuple[Selector, ...], _Node]:
+    """The `kind / metadata / spec` envelope every traffic policy resource has: its
+    name, mesh, the `spec` node, the source and destination selectors, and the
+    `spec.conf` node, which the policy reads itself."""
+    name, mesh, spec = parse_envelope(document, source, kind, ("sources", "destinations", "conf"))
     sources = spec.need("sources", lambda n: parse_selectors(n, mesh))
     destinations = spec.need("destinations", lambda n: parse_selectors(n, mesh))
     conf = spec.child("conf")

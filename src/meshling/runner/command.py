@@ -42,14 +42,16 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"meshling run: {problem}", file=sys.stderr)
         return USAGE_ERROR
-    from meshling.runner.supervise import run as supervise
+    from meshling.runner.supervise import Supervisor, run
 
-    return supervise(
-        plan,
-        app,
-        ready_timeout=args.ready_timeout,
-        drain_timeout=args.drain_timeout,
-        app_grace=args.app_grace,
-        log_level=args.log_level,
-        proxy_log=args.proxy_log,
+    return run(
+        Supervisor(
+            plan,
+            app,
+            ready_timeout=args.ready_timeout,
+            drain_timeout=args.drain_timeout,
+            app_grace=args.app_grace,
+            log_level=args.log_level,
+            proxy_log=args.proxy_log,
+        )
     )

@@ -291,24 +291,6 @@ def say(message: str) -> None:
     print(f"meshling run: {message}", file=sys.stderr, flush=True)
 
 
-def run(
-    plan: ProxyPlan,
-    app: list[str],
-    *,
-    ready_timeout: float,
-    drain_timeout: float,
-    app_grace: float,
-    log_level: str = "info",
-    proxy_log: str | None = None,
-) -> int:
+def run(supervisor: Supervisor) -> int:
     """Run the proxy, then the app, until both are gone; the exit code."""
-    supervisor = Supervisor(
-        plan,
-        app,
-        ready_timeout=ready_timeout,
-        drain_timeout=drain_timeout,
-        app_grace=app_grace,
-        log_level=log_level,
-        proxy_log=proxy_log,
-    )
     return asyncio.run(supervisor.run())

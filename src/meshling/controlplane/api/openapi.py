@@ -29,6 +29,17 @@ def _json_body(description: str) -> dict[str, Any]:
     }
 
 
+def _rows(properties: dict[str, Any]) -> dict[str, Any]:
+    """An array of objects with these properties: a table's rows."""
+    return {"type": "array", "items": {"type": "object", "properties": properties}}
+
+
+def _listing(schema: str, **more: Any) -> dict[str, Any]:
+    """`{items: [schema], ...more}`: what a listing endpoint answers."""
+    items = {"type": "array", "items": _ref(schema)}
+    return {_JSON: {"schema": {"type": "object", "properties": {"items": items, **more}}}}
+
+
 def _body(description: str) -> dict[str, Any]:
     schema = _ref("Resource")
     return {
@@ -58,6 +69,7 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
         "schema": {"type": "string"},
     }
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    mesh_query = {"name": "mesh", "in": "query", "required": False, "schema": {"type": "string"}}
     one = [kind_param, mesh_param, name_param]
     allow_unmatched = {
         "name": "allow_unmatched",
@@ -162,31 +174,13 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
             "/api/v1/status/dataplanes": {
                 "get": {
                     "summary": "Every dataplane with its stream's status.",
-                    "parameters": [
-                        {
-                            "name": "mesh",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [mesh_query],
                     "responses": {
                         "200": {
                             "description": "{items: [DataplaneStatus], offline_after}",
-                            "content": {
-                                _JSON: {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "items": {
-                                                "type": "array",
-                                                "items": _ref("DataplaneStatus"),
-                                            },
-                                            "offline_after": {"type": "number"},
-                                        },
-                                    }
-                                }
-                            },
+                            "content": _listing(
+                                "DataplaneStatus", offline_after={"type": "number"}
+                            ),
                         },
                         "401": unauthorized,
                     },
@@ -221,31 +215,12 @@ def openapi_document(kinds: Sequence[str]) -> dict[str, Any]:
             "/api/v1/policies/dataplanes": {
                 "get": {
                     "summary": "Every policy (all kinds) with the dataplanes it selects.",
-                    "parameters": [
-                        {
-                            "name": "mesh",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [mesh_query],
                     "responses": {
                         "200": {
                             "description": "{items: [PolicySelection]}, policies in apply "
                             "order, then by name.",
-                            "content": {
-                                _JSON: {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "items": {
-                                                "type": "array",
-                                                "items": _ref("PolicySelection"),
-                                            }
-                                        },
-                                    }
-                                }
-                            },
+                            "content": _listing("PolicySelection"),
                         },
                         "401": unauthorized,
                     },
@@ -589,43 +564,31 @@ def _telemetry_paths(unauthorized: dict[str, Any]) -> dict[str, Any]:
                                         "mesh": {"type": "string"},
                                         "window": {"type": "number"},
                                         "generated": {"type": "string", "format": "date-time"},
-                                        "services": {
-                                            "type": "array",
-                                            "items": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "service": {"type": "string"},
-                                                    "dataplanes": {"type": "integer"},
-                                                    "online": {"type": "integer"},
-                                                    **rates,
-                                                },
-                                            },
-                                        },
-                                        "routes": {
-                                            "type": "array",
-                                            "items": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "service": {"type": "string"},
-                                                    "route": {"type": "string"},
-                                                    **rates,
-                                                },
-                                            },
-                                        },
-                                        "edges": {
-                                            "type": "array",
-                                            "items": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "source": {"type": "string"},
-                                                    "destination": {"type": "string"},
-                                                    "requests": {"type": "integer"},
-                                                    "rps": {"type": "number"},
-                                                    "success_rate": number,
-                                                    "p99_ms": number,
-                                                },
-                                            },
-                                        },
+                                        "services": _rows(
+                                            {
+                                                "service": {"type": "string"},
+                                                "dataplanes": {"type": "integer"},
+                                                "online": {"type": "integer"},
+                                                **rates,
+                                            }
+                                        ),
+                                        "routes": _rows(
+                                            {
+                                                "service": {"type": "string"},
+                                                "route": {"type": "string"},
+                                                **rates,
+                                            }
+                                        ),
+                                        "edges": _rows(
+                                            {
+                                                "source": {"type": "string"},
+                                                "destination": {"type": "string"},
+                                                "requests": {"type": "integer"},
+                                                "rps": {"type": "number"},
+                                                "success_rate": number,
+                                                "p99_ms": number,
+                                            }
+                                        ),
                                     },
                                 }
                             }

@@ -61,19 +61,10 @@ class AccessLog:
 
 def parse_resource(document: Any, source: str) -> AccessLog:
     """Validate a parsed YAML/JSON document and build the AccessLog it describes."""
-    from meshling.controlplane.resources import metadata
-    from meshling.policies.matching import parse_selectors
-    from meshling.snapshot.load import _Node
+    from meshling.policies.matching import parse_proxy_policy, parse_selectors, refuse_tags
 
-    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
-    given = root.need("kind", metadata.text)
-    if given != KIND:
-        raise root.child("kind").error(f"expected kind {KIND}, got {given!r}")
-    meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
-    name = meta.need("name", metadata.name)
-    mesh = meta.need("mesh", metadata.mesh)
-    spec = root.need("spec", lambda n: n.mapping(("dataplanes", "to", "from", "backends")))
-    dataplanes = spec.need("dataplanes", lambda n: parse_selectors(n, mesh))
+    fields = ("to", "from", "backends")
+    name, mesh, spec, dataplanes = parse_proxy_policy(document, source, KIND, fields)
     none: tuple[Selector, ...] = ()
     to = spec.get("to", lambda n: parse_selectors(n, mesh), none)
     from_ = spec.get("from", lambda n: parse_selectors(n, mesh), none)
@@ -85,14 +76,7 @@ def parse_resource(document: Any, source: str) -> AccessLog:
         ("to", to, "an outbound listener reaches every instance of a service"),
         ("from", from_, "a proxy knows a caller by its service identity only"),
     ):
-        for i, selector in enumerate(selectors):
-            if selector.tags:
-                raise (
-                    spec.child(field)
-                    .child(i)
-                    .child("tags")
-                    .error(f"select by service, without tags: {why}")
-                )
+        refuse_tags(spec, field, selectors, f"select by service, without tags: {why}")
     backends_node = spec.child("backends")
     if not isinstance(backends_node.value, list) or not backends_node.value:
         raise backends_node.error(

@@ -68,18 +68,8 @@ def parse_conf(node: _Node) -> Tracing:
 
 def parse_resource(document: Any, source: str) -> Trace:
     """Validate a parsed YAML/JSON document and build the Trace it describes."""
-    from meshling.controlplane.resources import metadata
-    from meshling.policies.matching import parse_selectors
-    from meshling.snapshot.load import _Node
+    from meshling.policies.matching import parse_proxy_policy
 
-    root = _Node(source, "", document).mapping(("kind", "metadata", "spec"))
-    given = root.need("kind", metadata.text)
-    if given != KIND:
-        raise root.child("kind").error(f"expected kind {KIND}, got {given!r}")
-    meta = root.need("metadata", lambda n: n.mapping(("name", "mesh")))
-    name = meta.need("name", metadata.name)
-    mesh = meta.need("mesh", metadata.mesh)
-    spec = root.need("spec", lambda n: n.mapping(("dataplanes", "conf")))
-    dataplanes = spec.need("dataplanes", lambda n: parse_selectors(n, mesh))
+    name, mesh, spec, dataplanes = parse_proxy_policy(document, source, KIND, ("conf",))
     conf = spec.need("conf", parse_conf)
     return Trace(name, mesh, dataplanes, conf)
