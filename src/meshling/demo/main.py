@@ -519,6 +519,9 @@ class Demo:
             f"  {m} get dataplanes",
             f"  {m} inspect dataplane api-1",
             f"  {m} get trafficpermissions",
+            f"  {m} stat                       # live: requests/s, success, latency per service",
+            f"  {m} tap api --max 10           # the requests themselves, as they happen",
+            f"  {m} explain web api            # the route, the permission, every policy",
             f'  curl -s -H "Authorization: Bearer $(cat {_shown(self.admin_token_file)})" '
             f"{top.cp_url}/api/v1/Dataplane",
             "  each proxy's metrics (Prometheus text):",
