@@ -766,6 +766,8 @@ class Hop:
     handshakes: Callable[[], int]
     # after the runs: anything the proxies counted that should not have happened
     problems: Callable[[], list[str]] = lambda: []
+    # the second proxy's /metrics text (meshling hops only)
+    inbound_metrics: Callable[[], str] | None = None
 
 
 @dataclass
@@ -785,6 +787,8 @@ class H2Hop:
     connections: Callable[[], tuple[int, int]]
     # after the runs: anything the proxies counted that should not have happened
     problems: Callable[[], list[str]] = lambda: []
+    # the second proxy's /metrics text (meshling hops only)
+    inbound_metrics: Callable[[], str] | None = None
 
 
 @dataclass
@@ -1106,9 +1110,12 @@ class Bench:
         self.hop_procs[name] = proc
         return proc
 
-    def meshling_hop(self, multiplex: bool = False) -> Hop:
+    def meshling_hop(
+        self, multiplex: bool = False, edit: Callable[[Path], None] | None = None
+    ) -> Hop:
         """The mesh hop; `multiplex`: the app's HTTP/1.1 requests travel between the two
-        proxies as streams of one HTTP/2 connection, as the control plane sets it up."""
+        proxies as streams of one HTTP/2 connection, as the control plane sets it up;
+        `edit` changes each proxy's snapshot file (`...-in` or `...-out`) before it starts."""
         certs = self.certificates()
         in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
         inbound = meshling_hop_conf(
@@ -1132,6 +1139,8 @@ class Bench:
         )
         admins = {"meshling-hop-in": in_admin, "meshling-hop-out": out_admin}
         for name, conf in (("meshling-hop-in", inbound), ("meshling-hop-out", outbound)):
+            if edit is not None:
+                edit(conf)
             proc = self.start_hop_proxy(
                 name, [str(MESHLING), "proxy", "run", "--config", str(conf)]
             )
@@ -1158,7 +1167,7 @@ class Bench:
                 )
             ]
 
-        return Hop(out_port, handshakes, problems)
+        return Hop(out_port, handshakes, problems, functools.partial(metrics, in_admin))
 
     def haproxy_hop(self) -> Hop:
         certs = self.certificates()

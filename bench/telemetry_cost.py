@@ -36,14 +36,9 @@ import yaml
 from run import (
     CLK_TCK,
     HOST,
-    MESH,
-    MESHLING,
     Bench,
-    admin_ready,
     descendants,
-    free_port,
     http_get,
-    meshling_hop_conf,
 )
 
 VARIANTS = ("metrics-off", "metrics-on", "metrics+trace-1%")
@@ -98,37 +93,17 @@ def with_telemetry(conf: Path, variant: str, sink: OtlpSink) -> None:
         snapshot["metrics"] = {"enabled": False}
     if variant == "metrics+trace-1%":
         snapshot["tracing"] = {"endpoint": sink.endpoint, "sampling": 1}
-    snapshot["listeners"][0]["direction"] = "inbound" if "in" in conf.stem else "outbound"
-    snapshot["service"] = "api" if "in" in conf.stem else "web"
+    inbound = conf.stem.endswith("-in")
+    snapshot["listeners"][0]["direction"] = "inbound" if inbound else "outbound"
+    snapshot["service"] = "api" if inbound else "web"
     conf.write_text(yaml.safe_dump(snapshot, sort_keys=False))
 
 
 def run_variant(bench: Bench, variant: str, sink: OtlpSink) -> dict[str, Any]:
-    certs = bench.certificates()
-    in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
-    inbound = meshling_hop_conf(
-        bench.workdir,
-        "cost-in",
-        in_port,
-        in_admin,
-        bench.upstream_port,
-        listener_tls={"mode": "strict", **certs.meshling_files("api")},
-        cluster_tls=None,
-    )
-    outbound = meshling_hop_conf(
-        bench.workdir,
-        "cost-out",
-        out_port,
-        out_admin,
-        in_port,
-        listener_tls=None,
-        cluster_tls={**certs.meshling_files("web"), "identity": f"spiffe://{MESH}/api"},
-    )
     bench.hop_procs = {}
-    for name, conf, admin in (("cost-in", inbound, in_admin), ("cost-out", outbound, out_admin)):
-        with_telemetry(conf, variant, sink)
-        proc = bench.start_hop_proxy(name, [str(MESHLING), "proxy", "run", "--config", str(conf)])
-        bench.wait_ready(name, proc, functools.partial(admin_ready, admin))
+    hop = bench.meshling_hop(edit=functools.partial(with_telemetry, variant=variant, sink=sink))
+    assert hop.inbound_metrics is not None
+    out_port = hop.port
     spans_before = sink.spans
     try:
         status, body = http_get(out_port, timeout=5.0)
@@ -138,7 +113,7 @@ def run_variant(bench: Bench, variant: str, sink: OtlpSink) -> dict[str, Any]:
         if bench.args.warmup:
             bench.wrk(out_port, bench.args.warmup, pids)
         load, _, ticks = bench.wrk(out_port, bench.args.duration, pids)
-        metrics = http_get(in_admin, "/metrics", timeout=5.0)[1].decode()
+        metrics = hop.inbound_metrics()
     finally:
         codes, notes = bench.stop_hop(clean_exit=True, failed=False)
     counted = "meshling_http_requests_total{" in metrics
