@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -339,3 +340,22 @@ def pki(tmp_path: Path) -> Any:
     from .test_mtls import Pki
 
     return Pki(tmp_path)
+
+
+@pytest.fixture
+def checkout_traversable() -> Iterator[None]:
+    """Let a proxy that a test runs as a uid of its own reach this checkout's code and
+    virtualenv: a checkout inside a 0700 directory (e.g. one from mktemp -d) is out of
+    that uid's reach. Every ancestor directory lacking it gets search permission for
+    others (not read), and its mode back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    for parent in Path(__file__).resolve().parents[2].parents:
+        mode = stat.S_IMODE(parent.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(parent, mode | stat.S_IXOTH)
+            changed.append((parent, mode))
+    try:
+        yield
+    finally:
+        for parent, mode in reversed(changed):
+            os.chmod(parent, mode)

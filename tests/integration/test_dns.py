@@ -495,6 +495,7 @@ def proxy_dir() -> Iterator[Path]:
     reason="needs iptables, setpriv, curl and dig (scripts/install-peers)",
 )
 def test_dns_through_transparent_capture_mesh_names_here_the_rest_upstream(
+    checkout_traversable: None,
     mesh_hosts: Callable[..., MeshHosts],  # noqa: F811
     netns_configs: list[Path],
     proxy_dir: Path,

@@ -71,6 +71,11 @@ skip_without_tools = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _proxy_uid_reaches_the_code(checkout_traversable: None) -> None:
+    """Every test here runs a proxy as PROXY_UID (conftest's checkout_traversable)."""
+
+
 @pytest.fixture
 def private_dir() -> Iterator[Path]:
     """A directory the proxy's uid owns (pytest's tmp_path is root's alone)."""
